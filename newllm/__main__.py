@@ -1,0 +1,5 @@
+import sys
+
+from newllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,39 @@
+"""Loading models from files: our own format, Hugging Face folders (GPT-NeoX, Llama), GGUF.
+
+`load_pretrained(path)` picks the adapter from what is at `path`:
+
+* a `.gguf` file -> `newllm.checkpoints.gguf`
+* a folder with `newllm.json` (our format, written by `save_model`) -> `newllm.checkpoints.native`
+* a folder with `config.json` (Hugging Face) -> `newllm.checkpoints.hf`
+* a preset name (`"pythia"`, ...) -> a freshly initialised `create_model(name)`
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from newllm.errors import NewLLMError
+
+
+def load_pretrained(path, dtype=None, **kwargs):
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from newllm.checkpoints.gguf import load_gguf_model
+
+        return load_gguf_model(p, dtype=dtype, **kwargs)
+    if p.is_dir() and (p / "newllm.json").exists():
+        from newllm.checkpoints.native import load_model
+
+        return load_model(p, dtype=dtype)
+    if p.is_dir() and (p / "config.json").exists():
+        from newllm.checkpoints.hf import load_hf_model
+
+        return load_hf_model(p, dtype=dtype, **kwargs)
+    if not p.exists():
+        from newllm.models.presets import PRESETS, create_model
+
+        if str(path) in PRESETS:
+            return create_model(str(path), **kwargs)
+        raise NewLLMError(f"{path}: no such file or directory, and not a preset ({sorted(PRESETS)})")
+    if p.is_file():
+        raise NewLLMError(f"{path}: not a .gguf file; give a .gguf file or a model folder")
+    raise NewLLMError(f"{path}: folder has neither newllm.json (newllm checkpoint) nor config.json (Hugging Face)")

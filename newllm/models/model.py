@@ -1,0 +1,219 @@
+"""TransformerLM: embedding -> any stack of registered layers -> final norm -> LM head.
+
+The model is a thin shell around pure layers. State flows explicitly::
+
+    out = model(ids, state=s)          # out.logits (B, T, V), out.state: one entry per layer
+
+and, for convenience, the model can hold a state of its own (the "memory")::
+
+    model.reset_memory()
+    model(ids, update_memory=True)     # reads the held memory and replaces it with the new one
+    model(ids)                         # reads the held memory, leaves it unchanged
+    s = model.get_memory_state(); model.set_memory_state(s)
+
+A held memory is stored detached (it outlives the step that made it: keeping its graph would make
+the next backward run through a freed graph, the seeds' double-backward bug). An explicit `state=`
+is returned with its graph, so a training loop decides what to detach.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from newllm.config import ModelConfig
+from newllm.errors import NewLLMError
+from newllm.models.layers import BaseLayer, RMSNorm, build_layer
+
+State = tuple  # one per-layer state (NamedTuple of tensors, or None) per layer
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy when labels were given
+    state: State | None = None  # per-layer states after this call
+    hidden_states: list[torch.Tensor] | None = None  # embedding output, then each layer's output
+
+
+def _map_state(state, fn):
+    if state is None:
+        return None
+    return type(state)(*(fn(t) for t in state))
+
+
+def expand_state(state: State | None, batch_size: int) -> State | None:
+    """Broadcast per-layer states taken at batch size 1 to `batch_size` (no copy)."""
+    if state is None:
+        return None
+
+    def expand(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() >= 1 and t.shape[0] == 1 and batch_size != 1:
+            return t.expand(batch_size, *t.shape[1:])
+        if t.dim() >= 1 and t.shape[0] != batch_size:
+            raise NewLLMError(f"memory state has batch size {t.shape[0]}, input has {batch_size}; "
+                              "only a batch-size-1 state broadcasts")
+        return t
+
+    return tuple(_map_state(s, expand) for s in state)
+
+
+def detach_state(state: State | None) -> State | None:
+    if state is None:
+        return None
+    return tuple(_map_state(s, lambda t: t.detach()) for s in state)
+
+
+class TransformerLM(nn.Module):
+    """A language model whose layers are any registered layer types (see `newllm.models.layers`)."""
+
+    def __init__(self, layers: Sequence[BaseLayer] | None = None, *, config: ModelConfig | None = None, **fields):
+        super().__init__()
+        if layers is not None and config is not None:
+            raise NewLLMError("TransformerLM: pass layers= or config=, not both")
+        if layers is not None:
+            layers = list(layers)
+            bad = [type(l).__name__ for l in layers if not isinstance(l, BaseLayer)]
+            if bad:
+                raise NewLLMError(f"TransformerLM: layers must be BaseLayer instances, got {bad}")
+            config = ModelConfig(layers=[l.spec() for l in layers], **fields)
+        elif config is None:
+            raise NewLLMError("TransformerLM: pass layers= (a list of layer objects) or config=")
+        elif fields:
+            raise NewLLMError(f"TransformerLM: unexpected arguments {sorted(fields)} beside config=")
+        else:
+            layers = [build_layer(spec) for spec in config.layers]
+        self.config = config
+        d = config.hidden_size
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.layers = nn.ModuleList(layers)
+        self.norm = (nn.LayerNorm(d, eps=config.norm_eps) if config.norm == "layernorm"
+                     else RMSNorm(d, config.norm_eps))
+        self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=config.initializer_range)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.initializer_range)
+        self._memory: State | None = None
+        self.to(config.torch_dtype)
+
+    # ------------------------------------------------------------------ forward
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        if input_ids.dim() != 2:
+            raise NewLLMError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            return
+        hi, lo = int(input_ids.max()), int(input_ids.min())
+        if hi >= self.config.vocab_size or lo < 0:
+            bad = hi if hi >= self.config.vocab_size else lo
+            where = (input_ids == bad).nonzero()[0].tolist()
+            raise NewLLMError(f"token id {bad} at (batch, position) {tuple(where)} is outside the "
+                              f"vocabulary [0, {self.config.vocab_size})")
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: State | None = None,
+                update_memory: bool = False, output_hidden_states: bool = False) -> LMOutput:
+        """Logits for `input_ids` (B, T), continuing from `state` (default: the held memory)."""
+        self.check_ids(input_ids)
+        explicit = state is not None
+        if not explicit:
+            state = self._memory
+        if state is not None and len(state) != len(self.layers):
+            raise NewLLMError(f"state has {len(state)} layer entries, model has {len(self.layers)} layers")
+        state = expand_state(state, input_ids.shape[0])
+        x = self.embed(input_ids)
+        hidden = [x] if output_hidden_states else None
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, None if state is None else state[i])
+            new_state.append(s)
+            if hidden is not None:
+                hidden.append(x)
+        logits = self.lm_head(self.norm(x))
+        new_state = tuple(new_state)
+        if update_memory:
+            self._memory = detach_state(new_state)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss, state=new_state, hidden_states=hidden)
+
+    # ------------------------------------------------------------------ memory shell
+    def reset_memory(self) -> None:
+        """Forget everything: the next call starts from an empty state."""
+        self._memory = None
+
+    def get_memory_state(self) -> State | None:
+        return self._memory
+
+    def set_memory_state(self, state: State | None) -> None:
+        if state is not None and len(state) != len(self.layers):
+            raise NewLLMError(f"memory state has {len(state)} layer entries, model has {len(self.layers)} layers")
+        self._memory = state
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Greedy (default) or sampled decoding; returns the prompt followed by the new tokens.
+
+        The prompt is run once and each new token reuses the per-layer states (KV caches and
+        memories), starting from the held memory if there is one. Rows that produced
+        `eos_token_id` are padded with it afterwards, as `transformers` does.
+        """
+        if max_new_tokens < 0:
+            raise NewLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise NewLLMError(f"temperature must be > 0 when sampling, got {temperature}")
+        out = input_ids
+        if max_new_tokens == 0:
+            return out
+        res = self(input_ids, state=self._memory)
+        state, logits = res.state, res.logits[:, -1]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            out = torch.cat((out, nxt[:, None]), dim=1)
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            res = self(nxt[:, None], state=state)
+            state, logits = res.state, res.logits[:, -1]
+        return out
+
+    # ------------------------------------------------------------------ info
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def describe(self) -> dict[str, Any]:
+        types: dict[str, int] = {}
+        for layer in self.layers:
+            types[layer.layer_type] = types.get(layer.layer_type, 0) + 1
+        return {"name": self.config.name, "parameters": self.num_parameters(), "layers": len(self.layers),
+                "layer_types": types, "hidden_size": self.config.hidden_size, "vocab_size": self.config.vocab_size,
+                "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
+                "tie_word_embeddings": self.config.tie_word_embeddings}
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -1,0 +1,1 @@
+"""Pure functions (no parameters, no hidden state) that the layers are built from."""

@@ -1,0 +1,42 @@
+"""Causal softmax attention over a KV cache, with an optional sliding window.
+
+The same function serves one whole-sequence call and a call that continues from a cache, so
+"one call == any split" holds by construction: key j is visible to query i iff
+`pos_k[j] <= pos_q[i]` and (with a window W) `pos_q[i] - pos_k[j] < W`.
+
+Shapes: q (B, h, T, Dh); k, v (B, hkv, Tk, Dh) with h a multiple of hkv (grouped-query attention).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_start: int,
+    k_start: int,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention of queries at positions q_start.. over keys at positions k_start...
+
+    Returns (B, h, T, Dh). Uses PyTorch's fused SDPA kernels; the boolean mask is built only when
+    the plain causal mask is not what is wanted (a cache offset or a window).
+    """
+    T, Tk = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    plain = window is None and q_start == k_start and T == Tk
+    if plain:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if window is None and T == 1 and q_start == k_start + Tk - 1:
+        # one new token over the full cache: everything is visible
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    pos_q = torch.arange(q_start, q_start + T, device=q.device)[:, None]
+    pos_k = torch.arange(k_start, k_start + Tk, device=q.device)[None, :]
+    mask = pos_k <= pos_q
+    if window is not None:
+        mask = mask & (pos_q - pos_k < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -1,0 +1,82 @@
+"""Named presets and `create_model(name, **overrides)`.
+
+A preset is a plain dict that cites where its numbers come from. Its layer stack is
+`first + [rest] * (num_hidden_layers - len(first))`, so `num_hidden_layers=` resizes any preset.
+Overrides use Hugging Face field names; each one goes to the model config and to every layer whose
+config has that field, and an override that nothing has is an error (a typo never passes silently).
+Adding a preset is one entry in `PRESETS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from newllm.config import ModelConfig
+from newllm.errors import NewLLMError
+from newllm.models.layers import LAYER_REGISTRY
+from newllm.models.layers.base import ALIASES
+from newllm.models.model import TransformerLM
+
+PYTHIA_70M = {  # EleutherAI/pythia-70m config.json
+    "vocab_size": 50304, "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
+    "intermediate_size": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000.0, "use_parallel_residual": True,
+    "layer_norm_eps": 1e-5, "norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+    "norm": "layernorm",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "pythia": {"first": [], "rest": "pythia", **PYTHIA_70M},
+    "llama": {  # HuggingFaceTB/SmolLM2-135M config.json
+        "first": [], "rest": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-5, "norm_eps": 1e-5, "norm": "rmsnorm", "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+    },
+}
+
+
+def register_preset(name: str, preset: dict[str, Any]) -> None:
+    if "rest" not in preset:
+        raise NewLLMError(f"preset {name!r} needs a 'rest' layer type")
+    PRESETS[name] = preset
+
+
+def preset_config(name: str, **overrides) -> ModelConfig:
+    """The `ModelConfig` of preset `name` with `overrides` applied (see module doc)."""
+    if name not in PRESETS:
+        raise NewLLMError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+    fields = {k: v for k, v in PRESETS[name].items()}
+    for key, value in overrides.items():
+        fields[ALIASES.get(key, key)] = value
+    first, rest = list(fields.pop("first")), fields.pop("rest")
+    n = fields.pop("num_hidden_layers")
+    if n < len(first) or n < 1:
+        raise NewLLMError(f"preset {name!r}: num_hidden_layers must be >= {max(len(first), 1)}, got {n}")
+    types = first + [rest] * (n - len(first))
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"layers"}
+    used = set()
+    layers = []
+    for t in types:
+        if t not in LAYER_REGISTRY:
+            raise NewLLMError(f"preset {name!r}: unknown layer type {t!r}; registered: {sorted(LAYER_REGISTRY)}")
+        cfg_fields = {f.name for f in dataclasses.fields(LAYER_REGISTRY[t].config_class)}
+        spec = {k: v for k, v in fields.items() if k in cfg_fields}
+        used |= set(spec)
+        layers.append({"type": t, **LAYER_REGISTRY[t].config_class(**spec).__dict__})
+    model_kwargs = {k: v for k, v in fields.items() if k in model_fields}
+    used |= set(model_kwargs)
+    unknown = sorted(set(fields) - used)
+    if unknown:
+        raise NewLLMError(f"preset {name!r}: option(s) {unknown} match no field of the model or its layers "
+                          f"({sorted(set(types))})")
+    model_kwargs.setdefault("name", name)
+    return ModelConfig(layers=layers, **model_kwargs)
+
+
+def create_model(name: str, **overrides) -> TransformerLM:
+    """Build preset `name` (`"pythia"`, `"llama"`, and the memory presets) with `overrides`.
+
+    >>> model = create_model("pythia", vocab_size=512, hidden_size=64, num_attention_heads=4,
+    ...                      intermediate_size=128, num_hidden_layers=2)
+    """
+    return TransformerLM(config=preset_config(name, **overrides))

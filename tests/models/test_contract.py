@@ -1,0 +1,145 @@
+"""The model contract for every preset: one call == any split with the state carried; causality;
+a batch-1 state broadcasts; token ids outside the vocabulary are rejected."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from newllm import NewLLMError, create_model
+from newllm.models import PRESETS
+
+TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
+EXTRA = {"llama": dict(num_key_value_heads=2)}  # exercise GQA
+SPLITS = {
+    "one-call": [],
+    "halves": [20],
+    "ragged": [1, 2, 7, 19, 30],
+    "one-token-steps": list(range(1, 41)),
+}
+
+
+def tiny(name: str, **kw):
+    torch.manual_seed(0)
+    return create_model(name, **{**TINY, **EXTRA.get(name, {}), **kw}).eval()
+
+
+def run_split(model, ids, cuts):
+    state, outs = None, []
+    bounds = [0, *cuts, ids.shape[1]]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out = model(ids[:, a:b], state=state)
+            state = out.state
+            outs.append(out.logits)
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("window", [None, 6], ids=["full", "window6"])
+def test_one_call_equals_any_split(name, split, window):
+    model = tiny(name, sliding_window=window) if window else tiny(name)
+    ids = torch.randint(0, 97, (2, 41), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        pieces = run_split(model, ids, SPLITS[split])
+    torch.testing.assert_close(pieces, full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_causal(name):
+    model = tiny(name)
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 97, (1, 40), generator=g)
+    with torch.no_grad():
+        base = model(ids).logits
+        for t in (0, 13, 38):
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, 97, (1, 39 - t), generator=g)
+            out = model(changed).logits
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+            assert (out[:, t + 1:] - base[:, t + 1:]).abs().max() > 1e-4  # the change is visible after t
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_batch1_state_broadcasts(name):
+    model = tiny(name)
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 97, (1, 17), generator=g)
+    cont = torch.randint(0, 97, (3, 9), generator=g)
+    with torch.no_grad():
+        state = model(prefix).state
+        batched = model(cont, state=state).logits
+        for b in range(3):
+            single = model(cont[b: b + 1], state=state).logits
+            torch.testing.assert_close(batched[b: b + 1], single, atol=1e-5, rtol=0)
+
+
+def test_memory_shell_matches_explicit_state(tiny_pythia):
+    ids = torch.randint(0, 97, (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = tiny_pythia(ids).logits
+        tiny_pythia.reset_memory()
+        a = tiny_pythia(ids[:, :10], update_memory=True).logits
+        b = tiny_pythia(ids[:, 10:], update_memory=True).logits
+        torch.testing.assert_close(torch.cat((a, b), 1), full, atol=1e-5, rtol=0)
+        # without update_memory the held memory is read but not changed
+        held = tiny_pythia.get_memory_state()
+        tiny_pythia(ids[:, :3])
+        assert tiny_pythia.get_memory_state() is held
+        tiny_pythia.reset_memory()
+        torch.testing.assert_close(tiny_pythia(ids).logits, full, atol=1e-6, rtol=0)
+
+
+def test_held_memory_is_detached(tiny_pythia):
+    ids = torch.randint(0, 97, (1, 8))
+    tiny_pythia.train()
+    out = tiny_pythia(ids, labels=ids, update_memory=True)
+    out.loss.backward()
+    out2 = tiny_pythia(ids, labels=ids, update_memory=True)
+    out2.loss.backward()  # a graph kept in the memory would fail here (double backward)
+    assert all(not t.requires_grad for s in tiny_pythia.get_memory_state() for t in s)
+
+
+@pytest.mark.parametrize("bad", [97, 500, -1])
+def test_token_outside_vocab_is_one_line_error(tiny_pythia, bad):
+    ids = torch.zeros(2, 5, dtype=torch.long)
+    ids[1, 3] = bad
+    with pytest.raises(NewLLMError, match=rf"token id {bad} at \(batch, position\) \(1, 3\)") as e:
+        tiny_pythia(ids)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_preset_and_layer_type():
+    with pytest.raises(NewLLMError, match="unknown preset 'pythai'"):
+        create_model("pythai")
+    from newllm.models.layers import build_layer
+
+    with pytest.raises(NewLLMError, match="unknown layer type 'nope'"):
+        build_layer({"type": "nope", "hidden_size": 8})
+    with pytest.raises(NewLLMError, match=r"option\(s\) \['hidden_sise'\]"):
+        create_model("pythia", hidden_sise=64)
+
+
+def test_loss_matches_manual_cross_entropy(tiny_pythia):
+    ids = torch.randint(0, 97, (2, 12))
+    out = tiny_pythia(ids, labels=ids)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=0)
+
+
+def test_generate_greedy_equals_argmax_loop(tiny_pythia):
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    out = tiny_pythia.generate(ids, max_new_tokens=6)
+    ref = ids
+    with torch.no_grad():
+        for _ in range(6):
+            ref = torch.cat((ref, tiny_pythia(ref).logits[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, ref)
+
+
+def test_generate_sampling_is_seeded(tiny_pythia):
+    ids = torch.randint(0, 97, (1, 4))
+    a = tiny_pythia.generate(ids, 8, do_sample=True, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    b = tiny_pythia.generate(ids, 8, do_sample=True, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == (1, 12)
