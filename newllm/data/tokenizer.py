@@ -1,0 +1,78 @@
+"""Tokenizers: one small wrapper over the `tokenizers` library, whatever the source.
+
+`load_tokenizer(path)` accepts a folder holding `tokenizer.json`, a `tokenizer.json` file, or a
+`.gguf` file (its embedded vocabulary). Every source ends up as a `tokenizers.Tokenizer`, so
+encoding is the Rust implementation everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from newllm.errors import NewLLMError
+
+
+class Tokenizer:
+    """encode(text) -> list[int], decode(ids) -> str, plus vocab_size / eos_token_id / name."""
+
+    def __init__(self, backend: HFTokenizer, name: str, eos_token: str | None = None,
+                 bos_token_id: int | None = None, add_bos: bool = False):
+        self.backend = backend
+        self.name = name
+        self.eos_token_id = backend.token_to_id(eos_token) if eos_token else None
+        self.bos_token_id = bos_token_id
+        self.add_bos = add_bos
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        """Hash of the full tokenizer definition (for keying token caches)."""
+        return hashlib.sha256(self.backend.to_str().encode()).hexdigest()[:16]
+
+    def save(self, path) -> None:
+        self.backend.save(str(path))
+
+
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
+
+
+def from_tokenizer_json(path) -> Tokenizer:
+    path = Path(path)
+    try:
+        backend = HFTokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library raises its own exception type
+        raise NewLLMError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    vocab = backend.get_vocab(with_added_tokens=True)
+    eos = next((t for t in EOS_CANDIDATES if t in vocab), None)
+    return Tokenizer(backend, name=f"{path.parent.name}/{path.name}", eos_token=eos)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").exists():
+            raise NewLLMError(f"{p}: folder has no tokenizer.json")
+        return from_tokenizer_json(p / "tokenizer.json")
+    if not p.exists():
+        raise NewLLMError(f"{p}: no such tokenizer file or folder")
+    if p.suffix == ".gguf":
+        from newllm.checkpoints.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(p)
+    return from_tokenizer_json(p)
