@@ -1,0 +1,194 @@
+"""Compressive memory (Infini-attention, arXiv 2404.07143): pure functions, state in -> (output, state).
+
+Shapes: B batch, N memory banks, H memory heads, T tokens, S segment length, Dk key dim, Dv value dim.
+Feature map: sigma(x) = elu(x) + 1 (> 0, so every denominator below is >= 0).
+
+Equations, for a segment s with queries Q, keys K, values V (rows are tokens)::
+
+    phi(X)  = sigma(X * scale)                                  feature map, scale = 1/sqrt(Dk) by default
+    A_mem   = phi(Q) M_{s-1} / (phi(Q) z_{s-1} + eps)           read              (paper eq. 3)
+    linear: M_s = M_{s-1} + phi(K)^T V                           write             (paper eq. 4)
+    delta:  M_s = M_{s-1} + phi(K)^T (V - phi(K) M_{s-1} / (phi(K) z_{s-1} + eps))  (paper eq. 5)
+            z_s = z_{s-1} + sum_t phi(K_t)
+
+The memory is written once per segment, after the segment has been read: every token of segment
+s reads M_{s-1}, never a memory that already contains its own segment (that is what makes the
+whole-sequence op equal to the per-token loop in `naive.py`, and what lets a layer carry a
+partial segment across calls).
+
+Interface (what the layers build on)::
+
+    state = init_memory(B, H, Dk, Dv, banks=N)                  # MemoryState, all zeros
+    out, state = memory_scan(q, k, v, state, segment_length=S, ...)
+
+    q: (B, H, Tq, Dk), k: (B, H, T, Dk), v: (B, H, T, Dv), Tq <= T. k/v start on a segment
+    boundary; the queries are the LAST Tq positions of k/v (a layer that carries the first
+    T - Tq keys of the current segment passes them in front of the new ones).
+    out: (B, H, Tq, Dv) in q's dtype; memory arithmetic is fp32 whatever the input dtype.
+
+`memory_scan` loops over segments (T / S iterations) and is parallel inside a segment (matmuls of
+S rows). Any T works: a last, shorter segment is written only if `write_partial=True` (a layer
+passes False and keeps those tokens in its state until the segment completes); nothing is ever
+padded, so no padded position can write to memory.
+
+Building blocks, for layers with their own read/write policy (multi-memory, hierarchical):
+`phi`, `read_terms` / `memory_read` (one memory, any leading dims), `segment_update` (dM, dz of one
+segment against one memory) and `guard_update` (clamp + NaN/Inf skip).
+
+Banks (N > 1): segment number n (counted over the whole stream, `state.segments`) is written into
+bank (n // segments_per_bank) % N, so writing moves to the next bank once a bank has absorbed its
+segments and wraps around (a revisited bank keeps its contents; nothing is ever discarded). The
+delta rule corrects against the bank being written. A read pools all banks:
+    A_mem = sum_b phi(Q) M_b / (sum_b phi(Q) z_b + eps)
+which is the mixture of the per-bank reads weighted by each bank's match phi(Q) z_b with the query
+(the weights sum to one). With the linear rule N banks therefore read like one memory; banks matter
+with the delta rule, where each bank only corrects its own contents.
+
+Numerical guards (seed 000, DESIGN.md section 5): keys and queries are scaled (1/sqrt(Dk) by
+default), never L2-normalised (that destroys their magnitude); an optional elementwise clamp of
+each segment's update dM; an update with a NaN/Inf is skipped for that batch row, with a warning,
+and counted in `state.skipped`. The memory is kept in fp32: z grows like (tokens x mean phi(k)),
+which passes fp16's 65,504 after ~65K tokens.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from newllm.errors import NewLLMError
+
+
+class MemoryState(NamedTuple):
+    """Compressive memory of a batch. Batch on dim 0; counters are 0-dim int64 tensors."""
+
+    memory: torch.Tensor  # (B, N, H, Dk, Dv) fp32: M of each bank
+    norm: torch.Tensor  # (B, N, H, Dk) fp32: z of each bank
+    segments: torch.Tensor  # () int64: segments written so far (decides the bank written next)
+    skipped: torch.Tensor  # () int64: segment updates skipped for NaN/Inf (one per batch row)
+
+
+def init_memory(batch: int, heads: int, key_dim: int, value_dim: int, banks: int = 1,
+                device: torch.device | str | None = None) -> MemoryState:
+    """An empty memory: M = 0, z = 0 (so the first read returns 0 through the guarded denominator)."""
+    long0 = torch.zeros((), dtype=torch.long, device=device)
+    return MemoryState(torch.zeros(batch, banks, heads, key_dim, value_dim, device=device),
+                       torch.zeros(batch, banks, heads, key_dim, device=device), long0, long0.clone())
+
+
+def elu_plus_one(x: torch.Tensor) -> torch.Tensor:
+    """sigma(x) = elu(x) + 1: positive everywhere, ~x+1 near 0, so phi(q).phi(k) is a valid kernel."""
+    return F.elu(x) + 1.0
+
+
+def phi(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Feature map sigma(x * scale) computed in fp32 (memory arithmetic never runs in fp16/bf16)."""
+    return elu_plus_one(x.float() * scale)
+
+
+def read_terms(fq: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor):
+    """Numerator phi(Q) M (..., T, Dv) and denominator phi(Q) z (..., T, 1) of a read.
+
+    fq: (..., T, Dk) features; memory: (..., Dk, Dv); norm: (..., Dk). Returned separately so that
+    several memories can be pooled by summing both terms.
+    """
+    return fq @ memory, fq @ norm.unsqueeze(-1)
+
+
+def memory_read(fq: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor, eps: float) -> torch.Tensor:
+    """A_mem = phi(Q) M / (phi(Q) z + eps), (..., T, Dv). An empty memory reads 0."""
+    num, den = read_terms(fq, memory, norm)
+    return num / (den + eps)
+
+
+def segment_update(fk: torch.Tensor, v: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                   delta_rule: bool, eps: float):
+    """(dM, dz) that one segment adds to one memory; fk: (..., S, Dk) features, v: (..., S, Dv).
+
+    linear: dM = phi(K)^T V; delta: dM = phi(K)^T (V - phi(K) M / (phi(K) z + eps)), i.e. only what
+    the memory does not already predict is written. dz = sum_t phi(K_t). All fp32.
+    """
+    v = v.float()
+    if delta_rule:
+        v = v - memory_read(fk, memory, norm, eps)  # eq. 5: retrieve with the memory before the write
+    return fk.transpose(-1, -2) @ v, fk.sum(dim=-2)
+
+
+def guard_update(dm: torch.Tensor, dz: torch.Tensor, clamp: float | None, check_finite: bool):
+    """Clamp dM elementwise to [-clamp, clamp] and zero the update of any batch row holding NaN/Inf.
+
+    dm: (B, ...), dz: (B, ...). Returns (dm, dz, bad) with bad: (B,) bool, the rows skipped.
+    """
+    if clamp is not None:
+        dm = dm.clamp(-clamp, clamp)
+    if not check_finite:
+        return dm, dz, torch.zeros(dm.shape[0], dtype=torch.bool, device=dm.device)
+    ok = torch.isfinite(dm).flatten(1).all(1) & torch.isfinite(dz).flatten(1).all(1)  # (B,)
+    dm = torch.where(ok.view(-1, *[1] * (dm.dim() - 1)), dm, torch.zeros((), device=dm.device))
+    dz = torch.where(ok.view(-1, *[1] * (dz.dim() - 1)), dz, torch.zeros((), device=dz.device))
+    return dm, dz, ~ok
+
+
+def check_shapes(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise NewLLMError(f"{where}: q, k, v must be (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+                          f"{tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3] or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise NewLLMError(f"{where}: shapes disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[2] > k.shape[2]:
+        raise NewLLMError(f"{where}: {q.shape[2]} queries but only {k.shape[2]} keys")
+
+
+def memory_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: MemoryState | None = None, *,
+                segment_length: int, segments_per_bank: int = 1, delta_rule: bool = True,
+                scale: float | None = None, eps: float = 1e-6, clamp: float | None = None,
+                check_finite: bool = True, write_partial: bool = True):
+    """Read and write the memory over a sequence, segment by segment (see the module docstring).
+
+    Returns (A_mem (B, H, Tq, Dv) in q.dtype, new MemoryState). `scale=None` means 1/sqrt(Dk).
+    Gradients flow into q, k, v and the initial state.
+    """
+    check_shapes("memory_scan", q, k, v)
+    B, H, T, Dk = k.shape
+    Dv, Tq, S = v.shape[-1], q.shape[2], segment_length
+    if S <= 0 or segments_per_bank <= 0:
+        raise NewLLMError(f"memory_scan: segment_length and segments_per_bank must be > 0, got {S}, "
+                          f"{segments_per_bank}")
+    if state is None:
+        state = init_memory(B, H, Dk, Dv, device=k.device)
+    if state.memory.shape[2:] != (H, Dk, Dv) or state.memory.shape[0] not in (1, B):
+        raise NewLLMError(f"memory_scan: memory state {tuple(state.memory.shape)} does not fit "
+                          f"(B={B}, N, H={H}, Dk={Dk}, Dv={Dv})")
+    scale = Dk**-0.5 if scale is None else scale
+    memory, norm = state.memory.expand(B, *state.memory.shape[1:]), state.norm.expand(B, *state.norm.shape[1:])
+    banks = memory.shape[1]
+    first = int(state.segments)
+    q_off = T - Tq  # position of the first query inside k/v
+    fq, fk = phi(q, scale), phi(k, scale)  # (B, H, Tq, Dk), (B, H, T, Dk)
+    outs, bad_rows = [], torch.zeros(B, dtype=torch.long, device=k.device)
+    written = 0
+    for a in range(0, T, S):
+        b = min(a + S, T)
+        if b > q_off:  # this segment has queries: read M_{s-1}, pooled over banks
+            qa = max(a, q_off) - q_off
+            num, den = read_terms(fq[:, None, :, qa:b - q_off], memory, norm)  # (B, N, H, t, Dv), (B, N, H, t, 1)
+            outs.append(num.sum(1) / (den.sum(1) + eps))
+        if b - a < S and not write_partial:
+            break
+        bank = ((first + written) // segments_per_bank) % banks
+        dm, dz = segment_update(fk[:, :, a:b], v[:, :, a:b], memory[:, bank], norm[:, bank], delta_rule, eps)
+        dm, dz, bad = guard_update(dm, dz, clamp, check_finite)
+        idx = torch.tensor([bank], device=k.device)
+        memory = memory.index_add(1, idx, dm.unsqueeze(1))
+        norm = norm.index_add(1, idx, dz.unsqueeze(1))
+        bad_rows = bad_rows + bad
+        written += 1
+    out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, Dv, dtype=torch.float32)
+    skipped = int(bad_rows.sum()) if check_finite else 0
+    if skipped:
+        warnings.warn(f"memory_scan: non-finite memory update in batch rows "
+                      f"{bad_rows.nonzero().flatten().tolist()} skipped ({skipped} segment updates)")
+    new_state = MemoryState(memory, norm, state.segments + written, state.skipped + skipped)
+    return out.to(q.dtype), new_state
