@@ -9,7 +9,9 @@ from newllm import NewLLMError, create_model
 from newllm.models import PRESETS
 
 TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
-EXTRA = {"llama": dict(num_key_value_heads=2)}  # exercise GQA
+EXTRA = {"llama": dict(num_key_value_heads=2),  # exercise GQA
+         # 8-token segments: 41 tokens span 5 full segments + a partial one; 2 banks that wrap around
+         "infini": dict(segment_length=8, num_memory_banks=2, segments_per_bank=2)}
 SPLITS = {
     "one-call": [],
     "halves": [20],
