@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from newllm.config import ModelConfig
@@ -48,7 +48,7 @@ def load_model(folder, dtype=None) -> TransformerLM:
     model = TransformerLM(config=config)
     try:
         tensors = load_file(str(folder / "model.safetensors"))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise NewLLMError(f"{folder / 'model.safetensors'}: cannot read ({e})") from None
     if config.tie_word_embeddings:
         tensors["lm_head.weight"] = tensors.get("embed.weight")
