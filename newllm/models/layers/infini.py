@@ -182,25 +182,29 @@ class InfiniLayer(BaseLayer):
 
     # ------------------------------------------------------------------ forward
     def local_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
-        """Causal attention inside each segment. q: (B, h, T, Dh) are the last T of the L = p + T
-        positions of k, v: (B, h, L, Dh), which start on a segment boundary. Returns (B, h, T, Dh)."""
-        B, h, L, Dh = k.shape
-        S, T = self.config.segment_length, q.shape[2]
+        """Causal attention inside each segment, token-major layout. q: (B, T, h, Dh) are the last T of
+        the L = p + T positions of k, v: (B, L, h, Dh), which start on a segment boundary.
+        Returns (B, T, h, Dh)."""
+        B, L, h, Dh = k.shape
+        S, T = self.config.segment_length, q.shape[1]
         softmax = self.config.local_attention == "softmax"
         if softmax and L <= S:  # all queries in one segment (streaming, decoding): no padding needed
-            return causal_attention(q, k, v, p, 0, Dh**-0.5)
+            out = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), p, 0, Dh**-0.5)
+            return out.transpose(1, 2)
         n = -(-L // S)
         pad = n * S - L
-        # front-pad q to align it with k; end-pad everything to whole segments. Padded keys sit after
-        # every real query (invisible under the causal mask); padded query rows are dropped below.
-        qp, kp, vp = F.pad(q, (0, 0, p, pad)), F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad))
-        qp, kp, vp = (t.reshape(B, h * n, S, Dh) for t in (qp, kp, vp))  # segments become batch entries
+        if p or pad:
+            # front-pad q to align it with k; end-pad everything to whole segments. Padded keys sit
+            # after every real query (invisible under the causal mask); padded query rows are dropped.
+            q, k, v = F.pad(q, (0, 0, 0, 0, p, pad)), F.pad(k, (0, 0, 0, 0, 0, pad)), F.pad(v, (0, 0, 0, 0, 0, pad))
+        # segments become batch entries: (B, n*S, h, Dh) -> (B*n, h, S, Dh), a view when unpadded
+        qs, ks, vs = (t.view(B, n, S, h, Dh).transpose(2, 3).reshape(B * n, h, S, Dh) for t in (q, k, v))
         if softmax:
-            out = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=Dh**-0.5)
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=Dh**-0.5)
         else:
-            out, _ = causal_linear_attention(qp, kp, vp, scale=Dh**-0.5, eps=self.config.memory_eps,
+            out, _ = causal_linear_attention(qs, ks, vs, scale=Dh**-0.5, eps=self.config.memory_eps,
                                              chunk_size=min(self.config.linear_chunk_size, S))
-        return out.reshape(B, h, n * S, Dh)[:, :, p:p + T]
+        return out.view(B, n, h, S, Dh).transpose(2, 3).reshape(B, n * S, h, Dh)[:, p:p + T]
 
     def attention(self, x: torch.Tensor, state: InfiniState | None):
         c = self.config
@@ -211,27 +215,29 @@ class InfiniLayer(BaseLayer):
         self.check_state(state, B)
         q, k, v = self.query_key_value(x).split(d, dim=-1)  # (B, T, d) each
         p = state.segment_k.shape[1]
-        k_all = torch.cat((state.segment_k.to(k.dtype), k), dim=1)  # (B, L, d), L = p + T
-        v_all = torch.cat((state.segment_v.to(v.dtype), v), dim=1)
+        if p:  # keys/values of the current segment's earlier tokens come first: (B, L, d), L = p + T
+            k_all = torch.cat((state.segment_k.to(k.dtype), k), dim=1)
+            v_all = torch.cat((state.segment_v.to(v.dtype), v), dim=1)
+        else:
+            k_all, v_all = k, v
         L = p + T
+        heads = lambda t, n, D: t.view(B, t.shape[1], n, D)  # noqa: E731  (B, *, n, D), token-major
+        a_loc = self.local_attention(heads(q, h, Dh), heads(k_all, h, Dh), heads(v_all, h, Dh), p)
+        g = torch.sigmoid(self.beta).to(a_loc.dtype).view(1, 1, h, 1)
+        mem = MemoryState(state.memory, state.norm, state.segments, state.skipped)
         if c.use_memory:
-            heads = lambda t, n, D: t.view(B, t.shape[1], n, D).transpose(1, 2)  # noqa: E731
-            mem_in = MemoryState(state.memory, state.norm, state.segments, state.skipped)
-            a_mem, mem = memory_scan(heads(q, Hm, Dm), heads(k_all, Hm, Dm), heads(v_all, Hm, Dm), mem_in,
+            a_mem, mem = memory_scan(*(heads(t, Hm, Dm).transpose(1, 2) for t in (q, k_all, v_all)), mem,
                                      segment_length=c.segment_length, segments_per_bank=c.segments_per_bank,
                                      delta_rule=c.use_delta_rule, scale=c.memory_scale, eps=c.memory_eps,
                                      clamp=c.memory_update_clamp, check_finite=c.check_finite, write_partial=False)
-            a_mem = a_mem.transpose(1, 2).reshape(B, T, h, Dh).transpose(1, 2)  # (B, h, T, Dh)
+            a_mem = a_mem.transpose(1, 2).reshape(B, T, h, Dh)  # memory heads -> attention heads
+            a = torch.lerp(a_loc, a_mem, g)  # the paper's gate: g * A_mem + (1 - g) * A_loc
         else:
-            a_mem, mem = None, MemoryState(state.memory, state.norm, state.segments, state.skipped)
-        split = lambda t: t.view(B, t.shape[1], h, Dh).transpose(1, 2)  # noqa: E731  (B, h, *, Dh)
-        a_loc = self.local_attention(split(q), split(k_all), split(v_all), p)
-        g = torch.sigmoid(self.beta).to(a_loc.dtype).view(1, h, 1, 1)
-        a = (1 - g) * a_loc if a_mem is None else g * a_mem + (1 - g) * a_loc  # the paper's gate
+            a = (1 - g) * a_loc  # memory switched off: A_mem = 0, gate unchanged
         done = L - L % c.segment_length  # tokens of completed segments; the rest stays in the state
         new_state = InfiniState(mem.memory, mem.norm, k_all[:, done:].clone(), v_all[:, done:].clone(),
                                 mem.segments, mem.skipped)
-        return self.dense(a.transpose(1, 2).reshape(B, T, d)), new_state
+        return self.dense(a.reshape(B, T, d)), new_state
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))

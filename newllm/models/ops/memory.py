@@ -162,27 +162,32 @@ def memory_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Memory
         raise NewLLMError(f"memory_scan: memory state {tuple(state.memory.shape)} does not fit "
                           f"(B={B}, N, H={H}, Dk={Dk}, Dv={Dv})")
     scale = Dk**-0.5 if scale is None else scale
-    memory, norm = state.memory.expand(B, *state.memory.shape[1:]), state.norm.expand(B, *state.norm.shape[1:])
-    banks = memory.shape[1]
+    # one (B, H, Dk, Dv) tensor per bank: a write replaces one list entry, so the backward never
+    # materialises a full (B, N, ...) gradient per segment
+    mems = list(state.memory.float().expand(B, *state.memory.shape[1:]).unbind(1))
+    zs = list(state.norm.float().expand(B, *state.norm.shape[1:]).unbind(1))
     first = int(state.segments)
     q_off = T - Tq  # position of the first query inside k/v
-    fq, fk = phi(q, scale), phi(k, scale)  # (B, H, Tq, Dk), (B, H, T, Dk)
+    # Cut into per-segment views once with split (its backward is one concatenation; slicing inside
+    # the loop would make every segment's backward allocate a full-length gradient: O(T^2)).
+    bounds = list(range(0, T, S)) + [T]
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    fk_segs, v_segs = phi(k, scale).split(sizes, dim=2), v.split(sizes, dim=2)
+    q_sizes = [max(0, b - max(a, q_off)) for a, b in zip(bounds[:-1], bounds[1:])]  # queries per segment
+    fq_segs = phi(q, scale).split(q_sizes, dim=2)
     outs, bad_rows = [], torch.zeros(B, dtype=torch.long, device=k.device)
     written = 0
-    for a in range(0, T, S):
-        b = min(a + S, T)
-        if b > q_off:  # this segment has queries: read M_{s-1}, pooled over banks
-            qa = max(a, q_off) - q_off
-            num, den = read_terms(fq[:, None, :, qa:b - q_off], memory, norm)  # (B, N, H, t, Dv), (B, N, H, t, 1)
-            outs.append(num.sum(1) / (den.sum(1) + eps))
-        if b - a < S and not write_partial:
+    for i, (fk_s, v_s, fq_s) in enumerate(zip(fk_segs, v_segs, fq_segs)):
+        if q_sizes[i]:  # this segment has queries: read M_{s-1}, pooled over banks
+            terms = [read_terms(fq_s, m, z) for m, z in zip(mems, zs)]  # (B, H, t, Dv), (B, H, t, 1)
+            num, den = terms[0] if len(terms) == 1 else (sum(t[0] for t in terms), sum(t[1] for t in terms))
+            outs.append(num / (den + eps))
+        if sizes[i] < S and not write_partial:
             break
-        bank = ((first + written) // segments_per_bank) % banks
-        dm, dz = segment_update(fk[:, :, a:b], v[:, :, a:b], memory[:, bank], norm[:, bank], delta_rule, eps)
+        bank = ((first + written) // segments_per_bank) % len(mems)
+        dm, dz = segment_update(fk_s, v_s, mems[bank], zs[bank], delta_rule, eps)
         dm, dz, bad = guard_update(dm, dz, clamp, check_finite)
-        idx = torch.tensor([bank], device=k.device)
-        memory = memory.index_add(1, idx, dm.unsqueeze(1))
-        norm = norm.index_add(1, idx, dz.unsqueeze(1))
+        mems[bank], zs[bank] = mems[bank] + dm, zs[bank] + dz
         bad_rows = bad_rows + bad
         written += 1
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, Dv, dtype=torch.float32)
@@ -190,5 +195,6 @@ def memory_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Memory
     if skipped:
         warnings.warn(f"memory_scan: non-finite memory update in batch rows "
                       f"{bad_rows.nonzero().flatten().tolist()} skipped ({skipped} segment updates)")
-    new_state = MemoryState(memory, norm, state.segments + written, state.skipped + skipped)
+    new_state = MemoryState(torch.stack(mems, 1), torch.stack(zs, 1), state.segments + written,
+                            state.skipped + skipped)
     return out.to(q.dtype), new_state

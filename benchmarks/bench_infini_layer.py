@@ -1,0 +1,132 @@
+"""InfiniLayer vs PythiaLayer speed, and streaming memory of the `infini` preset.
+
+    python benchmarks/bench_infini_layer.py                         # both parts, defaults below
+    python benchmarks/bench_infini_layer.py --part speed --tokens 2048 16384 4096
+    python benchmarks/bench_infini_layer.py --part stream --stream-tokens 4096 65536 --window 2048
+
+speed: forward+backward of one layer (hidden 512, Pythia-70m sizes, batch 1) at each T; prints
+seconds and the ratio infini / pythia (goals: <= 1.0 at T = 2048, <= 0.3 at T = 16384). Pythia's
+cost grows like T^2 (full causal softmax attention), Infini's like T (segment-local attention plus
+a fixed-size memory).
+
+stream: feeds N tokens through the whole `infini` preset in chunks, carrying the state, in a fresh
+subprocess per N, and prints the peak resident memory added by streaming (ru_maxrss after the
+stream minus RSS before it) and the bytes held in the carried state. The Pythia layers of the
+preset keep KV caches, which grow with the stream; they are bounded here with the `sliding_window`
+override (Pythia layers attend to the last W tokens; the Infini layer needs nothing: its state is
+fixed-size by construction). The ratio peak(64K) / peak(4K) is the figure (goal <= 1.2).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from newllm import create_model
+from newllm.models.layers import InfiniLayer, PythiaLayer
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def fwd_bwd(layer, x):
+    def step():
+        y, _ = layer(x)
+        y.square().mean().backward()
+    return step
+
+
+def speed(args):
+    d, h, ff = args.hidden, args.heads, 4 * args.hidden
+    print(f"forward+backward, hidden {d}, {h} heads, batch {args.batch}, segment {args.segment_length}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'T':>7s} {'pythia s':>10s} {'infini s':>10s} {'infini/pythia':>14s}")
+    for T in args.tokens:
+        torch.manual_seed(0)
+        pythia = PythiaLayer(d, h, ff)
+        infini = InfiniLayer(d, h, ff, segment_length=args.segment_length)
+        x = torch.randn(args.batch, T, d, requires_grad=True)
+        reps = args.repeats if T <= 4096 else 1
+        tp = best_time(fwd_bwd(pythia, x), reps)
+        ti = best_time(fwd_bwd(infini, x), reps)
+        print(f"{T:7d} {tp:10.3f} {ti:10.3f} {ti / tp:13.2f}x", flush=True)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def stream_worker(tokens: int, chunk: int, window: int | None):
+    """Runs in a subprocess: prints JSON with the peak RSS added by streaming `tokens` tokens."""
+    torch.manual_seed(0)
+    model = create_model("infini", sliding_window=window).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)  # speed/memory only, no learning
+    with torch.no_grad():
+        state = model(ids[:, :chunk]).state  # warm-up: allocator arenas, kernels
+        state = None
+        base = rss_bytes()
+        for a in range(0, tokens, chunk):
+            state = model(ids[:, a:a + chunk], state=state).state
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    state_bytes = sum(t.numel() * t.element_size() for s in state for t in s)
+    print(json.dumps({"tokens": tokens, "peak_added": peak - base, "state_bytes": state_bytes}))
+
+
+def stream(args):
+    w = None if args.window <= 0 else args.window
+    print(f"streaming the 'infini' preset in chunks of {args.chunk}, Pythia layers with sliding_window={w}")
+    rows = []
+    for n in args.stream_tokens:
+        cmd = [sys.executable, __file__, "--stream-worker", str(n), "--chunk", str(args.chunk),
+               "--window", str(args.window)]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        r["seconds"] = time.perf_counter() - t0
+        rows.append(r)
+        print(f"{n:7d} tokens: peak RSS added {r['peak_added'] / 2**20:8.1f} MiB, state {r['state_bytes'] / 2**20:7.2f} MiB"
+              f" ({r['seconds']:.0f} s)", flush=True)
+    first = rows[0]
+    for r in rows[1:]:
+        print(f"peak({r['tokens']}) / peak({first['tokens']}) = {r['peak_added'] / first['peak_added']:.2f}x, "
+              f"state({r['tokens']}) / state({first['tokens']}) = {r['state_bytes'] / first['state_bytes']:.2f}x")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", choices=("speed", "stream", "both"), default="both")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 16384])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--segment-length", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stream-tokens", type=int, nargs="+", default=[4096, 65536])
+    ap.add_argument("--chunk", type=int, default=1024, help="tokens per call when streaming")
+    ap.add_argument("--window", type=int, default=2048, help="Pythia layers' sliding window (<= 0: none)")
+    ap.add_argument("--stream-worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.stream_worker is not None:
+        return stream_worker(args.stream_worker, args.chunk, None if args.window <= 0 else args.window)
+    if args.part in ("speed", "both"):
+        speed(args)
+    if args.part in ("stream", "both"):
+        stream(args)
+
+
+if __name__ == "__main__":
+    main()
