@@ -64,6 +64,8 @@ def open_gguf(path) -> GGUFReader:
         return _reader_cache[key]
     with p.open("rb") as f:
         magic = f.read(4)
+    if len(magic) < 4:
+        raise NewLLMError(f"{p}: too short to be a GGUF file ({len(magic)} bytes)")
     if magic != b"GGUF":
         raise NewLLMError(f"{p}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
     try:
