@@ -100,6 +100,14 @@ GGUF_PRE_TOKENIZERS = {
 TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED = 3, 4  # llama.cpp's llama_token_type
 
 
+def _byte_level_chars() -> list[str]:
+    """GPT-2's byte -> printable character table: bytes that print as themselves keep their
+    code point; the other 68 (controls, space, ...) get 256, 257, ... in byte order (space -> 'Ġ')."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
 def from_gguf_vocab(model: str, pre: str, tokens: list[str], merges: list[str], token_types: list[int] | None,
                     bos_token_id: int | None, eos_token_id: int | None, add_bos: bool, name: str,
                     where: str) -> Tokenizer:
@@ -117,12 +125,12 @@ def from_gguf_vocab(model: str, pre: str, tokens: list[str], merges: list[str], 
     if pre not in GGUF_PRE_TOKENIZERS:
         raise NewLLMError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported "
                           f"(supported: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
-    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    byte_chars = _byte_level_chars()
+    alphabet = set(byte_chars)
     vocab = {}
     for i, tok in enumerate(tokens):
-        # a token outside the byte alphabet (rare mislabelled specials) is respelled from its UTF-8 bytes
-        spelled = tok if set(tok) <= alphabet else tok.encode("utf-8").decode("latin-1")
-        vocab.setdefault(spelled if set(spelled) <= alphabet else tok, i)
+        # a token written outside the byte alphabet (e.g. with a real space) is respelled from its UTF-8 bytes
+        vocab.setdefault(tok if set(tok) <= alphabet else "".join(byte_chars[b] for b in tok.encode("utf-8")), i)
     pairs = []
     for k, merge in enumerate(merges):
         pair = tuple(merge.split(" "))

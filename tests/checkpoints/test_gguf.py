@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 # ---------------------------------------------------------------- a tiny byte-level BPE vocabulary
 MERGES = ["t h", "th e", "Ġ the", "i n", "in g", "Ġ Ġ", "ĠĠ Ġ", "Ċ Ċ", "1 2", "12 3", "Ġ 1", "' s", "Ã ©",
-          "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "e r", "Ġ er"]
+          "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "e r", "Ġ er", "Ġ x"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>"]
 
 
@@ -26,6 +26,7 @@ def tiny_vocab() -> list[str]:
     tokens = list(SPECIAL) + sorted(pre_tokenizers.ByteLevel.alphabet())
     for merge in MERGES:
         tokens.append(merge.replace(" ", ""))
+    tokens[tokens.index("Ġx")] = " x"  # some files spell a token with a real space: it must still be found
     return tokens
 
 
@@ -220,7 +221,7 @@ def test_cli_prints_the_error_as_one_line(bad_files, capsys):
 
 # ---------------------------------------------------------------- tokenizer
 TEXTS = ["the thing is 123 and 1234, 12", "  two  spaces   and three\n\n\nnewlines\n", "it's the world's café",
-         "wörld 日本語 🎉 é", "<|im_start|>the<|endoftext|>", "\ttabs\r\nand CRLF", "x=3.14159; y = 1000000", "x = 1000000 and 1234567", ""]
+         "wörld 日本語 🎉 é", "<|im_start|>the<|endoftext|>", "\ttabs\r\nand CRLF", "x=3.14159; y = 1000000", "x = 1000000 and 1234567", "a x", ""]
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +244,7 @@ def test_tokenizer_equals_transformers_gguf_conversion(tok_dir, pre):
         assert ids == ref.encode(text, add_special_tokens=False), (pre, text)
         assert ours.decode(ids) == text
     assert ours.encode("<|im_start|>") == [1]  # a CONTROL token stays whole
+    assert ours.encode("a x") == [TOKENS.index("a"), TOKENS.index(" x")]
     assert (ours.eos_token_id, ours.bos_token_id, ours.vocab_size) == (0, 1, len(TOKENS))
 
 
