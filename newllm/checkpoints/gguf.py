@@ -72,7 +72,7 @@ def open_gguf(path) -> GGUFReader:
         reader = GGUFReader(p, "r")
     except Exception as e:  # the reader raises ValueError/KeyError/IndexError/OSError on damaged files
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NewLLMError(f"{p}: damaged or truncated GGUF file ({msg})") from None
+        raise NewLLMError(f"{p}: damaged or truncated GGUF file ({st.st_size:,} bytes; the reader says: {msg})") from None
     _reader_cache.clear()
     _reader_cache[key] = reader
     return reader
