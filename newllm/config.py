@@ -34,6 +34,9 @@ class ModelConfig:
     eos_token_id: int | None = None
     dtype: str = "float32"
     name: str | None = None  # preset or source the model came from (informational)
+    # recurrent models only: options of the h_{t-1} feedback (newllm.models.context.ContextConfig);
+    # None = an ordinary TransformerLM
+    context_feedback: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.vocab_size is None or self.vocab_size <= 0:

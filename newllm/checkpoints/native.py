@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from newllm.config import ModelConfig
 from newllm.errors import NewLLMError
+from newllm.models.context import build_model
 from newllm.models.model import TransformerLM
 
 FORMAT = "newllm-model"
@@ -45,7 +46,7 @@ def load_model(folder, dtype=None) -> TransformerLM:
     config = ModelConfig.from_dict(header["config"])
     if dtype is not None:
         config.dtype = str(dtype).replace("torch.", "")
-    model = TransformerLM(config=config)
+    model = build_model(config)  # a ContextLM when the config has context_feedback
     try:
         tensors = load_file(str(folder / "model.safetensors"))
     except (SafetensorError, OSError) as e:

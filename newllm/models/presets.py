@@ -16,6 +16,7 @@ from newllm.errors import NewLLMError
 from newllm.models.layers import LAYER_REGISTRY
 from newllm.models.layers.base import ALIASES
 from newllm.models.model import TransformerLM
+from newllm.models.context import build_model
 
 PYTHIA_70M = {  # EleutherAI/pythia-70m config.json
     "vocab_size": 50304, "hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8,
@@ -34,6 +35,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5, "norm_eps": 1e-5, "norm": "rmsnorm", "max_position_embeddings": 8192,
         "tie_word_embeddings": True,
     },
+    # seed 001 "Context-Pythia": Pythia-70m sizes + x_t = embed(ids_t) + W_c h_{t-1} (newllm/models/context.py)
+    "context_pythia": {"first": [], "rest": "pythia", **PYTHIA_70M, "context_feedback": {"init": "learned"}},
 }
 
 
@@ -81,4 +84,4 @@ def create_model(name: str, **overrides) -> TransformerLM:
     >>> model = create_model("pythia", vocab_size=512, hidden_size=64, num_attention_heads=4,
     ...                      intermediate_size=128, num_hidden_layers=2)
     """
-    return TransformerLM(config=preset_config(name, **overrides))
+    return build_model(preset_config(name, **overrides))  # ContextLM for recurrent presets
