@@ -14,7 +14,6 @@ from tokenizers import pre_tokenizers
 from newllm import NewLLMError, load_pretrained, load_tokenizer
 from newllm.checkpoints.gguf import load_gguf_model, tokenizer_from_gguf
 
-transformers = pytest.importorskip("transformers")
 
 # ---------------------------------------------------------------- a tiny byte-level BPE vocabulary
 MERGES = ["t h", "th e", "Ġ the", "i n", "in g", "Ġ Ġ", "ĠĠ Ġ", "Ċ Ċ", "1 2", "12 3", "Ġ 1", "' s", "Ã ©",

@@ -11,7 +11,6 @@ import torch
 from newllm import load_pretrained, load_tokenizer
 
 pytestmark = pytest.mark.slow
-transformers = pytest.importorskip("transformers")
 NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
