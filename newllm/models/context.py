@@ -106,15 +106,12 @@ class ContextLM(TransformerLM):
         return self.h_init[None].expand(batch_size, -1)
 
     def check_state(self, state) -> None:
+        """A raw state is the per-layer entries followed by one FeedbackState (used by the memory shell)."""
         if state is None:
             return
         if len(state) != len(self.layers) + 1 or not isinstance(state[-1], FeedbackState):
             raise NewLLMError(f"ContextLM state must have {len(self.layers)} layer entries followed by a "
                               f"FeedbackState, got {len(state)} entries ending in {type(state[-1]).__name__}")
-
-    def set_memory_state(self, state) -> None:
-        self.check_state(state)
-        self._memory = state
 
     # ------------------------------------------------------------------ exact recurrence
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state=None,

@@ -63,8 +63,25 @@ def test_update_memory_token_by_token_equals_one_call():
         steps = [model(ids[:, t:t + 1], update_memory=True).logits for t in range(15)]
         torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
         held = model.get_memory_state()
-        assert isinstance(held[-1], FeedbackState) and held[-1].h.shape == (1, 32)
-        assert len(held) == len(model.layers) + 1
+        assert held.layer_types == ["pythia", "pythia", "model"] and held.entries[-1].state_type == "FeedbackState"
+        assert held.entries[-1].tensors[0].shape == (1, 32)
+
+
+def test_memory_state_file_round_trip(tmp_path):
+    """The held state (KV caches + h_{t-1}) saved and loaded continues exactly like one call."""
+    from newllm.models.state import load_memory_state, save_memory_state
+
+    model = tiny()
+    ids = ids_(B=1, n=12)
+    with torch.no_grad():
+        full = model(ids).logits
+        model.reset_memory()
+        model(ids[:, :7], update_memory=True)
+        save_memory_state(model.get_memory_state(), tmp_path / "mem.safetensors")
+        model.reset_memory()
+        model.set_memory_state(load_memory_state(tmp_path / "mem.safetensors"))
+        assert isinstance(model._memory[-1], FeedbackState)
+        torch.testing.assert_close(model(ids[:, 7:]).logits, full[:, 7:], atol=1e-5, rtol=0)
 
 
 def test_feedback_changes_the_output():
