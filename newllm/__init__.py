@@ -2,6 +2,7 @@
 from newllm.config import ModelConfig
 from newllm.errors import NewLLMError
 from newllm.models import TransformerLM, create_model
+from newllm.models.state import ModelMemoryState, load_memory_state, save_memory_state
 
 __version__ = "0.1.0"
 
@@ -20,4 +21,5 @@ def load_tokenizer(path):
     return _load(path)
 
 
-__all__ = ["ModelConfig", "NewLLMError", "TransformerLM", "create_model", "load_pretrained", "load_tokenizer"]
+__all__ = ["ModelConfig", "NewLLMError", "TransformerLM", "create_model", "load_pretrained", "load_tokenizer",
+           "ModelMemoryState", "save_memory_state", "load_memory_state"]

@@ -121,8 +121,7 @@ class TransformerLM(nn.Module):
         explicit = state is not None
         if not explicit:
             state = self._memory
-        if state is not None and len(state) != len(self.layers):
-            raise NewLLMError(f"state has {len(state)} layer entries, model has {len(self.layers)} layers")
+        self.check_state(state)
         state = expand_state(state, input_ids.shape[0])
         x = self.embed(input_ids)
         hidden = [x] if output_hidden_states else None
@@ -142,17 +141,58 @@ class TransformerLM(nn.Module):
         return LMOutput(logits=logits, loss=loss, state=new_state, hidden_states=hidden)
 
     # ------------------------------------------------------------------ memory shell
+    # The held memory is kept as the raw per-entry tuple (what forward threads through the layers);
+    # get/set_memory_state convert it to and from the self-describing ModelMemoryState
+    # (newllm/models/state.py), which is what travels between processes and machines.
     def reset_memory(self) -> None:
         """Forget everything: the next call starts from an empty state."""
         self._memory = None
 
-    def get_memory_state(self) -> State | None:
-        return self._memory
-
-    def set_memory_state(self, state: State | None) -> None:
+    def check_state(self, state: State | None) -> None:
+        """Raise if a raw state tuple does not have one entry per layer (subclasses add entries)."""
         if state is not None and len(state) != len(self.layers):
             raise NewLLMError(f"memory state has {len(state)} layer entries, model has {len(self.layers)} layers")
+
+    def get_memory_state(self, compact: bool = False):
+        """The held memory as a `ModelMemoryState` (None if nothing is held).
+
+        `compact=True` keeps only the layers with a compressive memory and leaves every KV cache
+        empty; continuing from it runs the attention layers from an empty cache (see state.py).
+        """
+        from newllm.models.state import snapshot
+
+        return None if self._memory is None else snapshot(self, self._memory, compact=compact)
+
+    def set_memory_state(self, state) -> None:
+        """Hold `state`: a `ModelMemoryState` (validated against this model: fingerprint, layer
+        types, shapes; moved to the model's device), a raw per-layer tuple, or None (= reset)."""
+        from newllm.models.state import ModelMemoryState, unpack
+
+        if isinstance(state, ModelMemoryState):
+            state = unpack(self, state)
+        elif state is not None:
+            state = detach_state(tuple(state))
+        self.check_state(state)
         self._memory = state
+
+    def memory_size_bytes(self, state=None) -> list[int]:
+        """Bytes per layer (then per model-level entry) of `state` (a ModelMemoryState or raw tuple;
+        default the held memory), measured from its tensors. With nothing held: each layer's empty
+        state (`init_state` at batch 1: a memory layer's fixed memory, 0 for a KV cache)."""
+        from newllm.models.state import ModelMemoryState, snapshot
+
+        if state is None and self._memory is None:
+            p = next(self.parameters())
+            sizes = []
+            for layer in self.layers:
+                s = layer.init_state(1, p.device, p.dtype) if hasattr(layer, "init_state") else None
+                sizes.append(0 if s is None else sum(t.numel() * t.element_size() for t in s))
+            return sizes
+        if state is None:
+            state = self._memory
+        if not isinstance(state, ModelMemoryState):
+            state = snapshot(self, tuple(state))
+        return state.size_bytes()
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()

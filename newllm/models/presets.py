@@ -29,6 +29,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pythia": {"first": [], "rest": "pythia", **PYTHIA_70M},
     # seed 001: 1 Infini layer (layer 0) + 5 Pythia layers at Pythia-70m sizes
     "infini": {"first": ["infini"], "rest": "pythia", **PYTHIA_70M},
+    # seed 001: 1 MultiMemory / Hierarchical layer (layer 0) + 5 Pythia layers, num_memories=4 by default
+    "multi_memory": {"first": ["multi_memory"], "rest": "pythia", **PYTHIA_70M},
+    "hierarchical": {"first": ["hierarchical"], "rest": "pythia", **PYTHIA_70M},
     "llama": {  # HuggingFaceTB/SmolLM2-135M config.json
         "first": [], "rest": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0,

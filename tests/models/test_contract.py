@@ -11,7 +11,10 @@ from newllm.models import PRESETS
 TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
 EXTRA = {"llama": dict(num_key_value_heads=2),  # exercise GQA
          # 8-token segments: 41 tokens span 5 full segments + a partial one; 2 banks that wrap around
-         "infini": dict(segment_length=8, num_memory_banks=2, segments_per_bank=2)}
+         "infini": dict(segment_length=8, num_memory_banks=2, segments_per_bank=2),
+         # 41 tokens = 6 full 6-token segments + 5: every one of 3 memories written twice, then a partial
+         "multi_memory": dict(segment_length=6, num_memories=3),
+         "hierarchical": dict(segment_length=6, num_memories=3, use_delta_rule=False)}
 SPLITS = {
     "one-call": [],
     "halves": [20],
@@ -86,9 +89,10 @@ def test_memory_shell_matches_explicit_state(tiny_pythia):
         b = tiny_pythia(ids[:, 10:], update_memory=True).logits
         torch.testing.assert_close(torch.cat((a, b), 1), full, atol=1e-5, rtol=0)
         # without update_memory the held memory is read but not changed
-        held = tiny_pythia.get_memory_state()
+        held = tiny_pythia.get_memory_state().named_tensors()
         tiny_pythia(ids[:, :3])
-        assert tiny_pythia.get_memory_state() is held
+        after = tiny_pythia.get_memory_state().named_tensors()
+        assert held.keys() == after.keys() and all(torch.equal(held[k], after[k]) for k in held)
         tiny_pythia.reset_memory()
         torch.testing.assert_close(tiny_pythia(ids).logits, full, atol=1e-6, rtol=0)
 
@@ -100,7 +104,7 @@ def test_held_memory_is_detached(tiny_pythia):
     out.loss.backward()
     out2 = tiny_pythia(ids, labels=ids, update_memory=True)
     out2.loss.backward()  # a graph kept in the memory would fail here (double backward)
-    assert all(not t.requires_grad for s in tiny_pythia.get_memory_state() for t in s)
+    assert all(not t.requires_grad for t in tiny_pythia.get_memory_state().named_tensors().values())
 
 
 @pytest.mark.parametrize("bad", [97, 500, -1])

@@ -1,0 +1,337 @@
+"""Memory-state containers: what a model has absorbed, self-describing, validated, saved with safetensors.
+
+A model's raw state is a tuple with one entry per layer (a NamedTuple of tensors, or None), plus
+any model-level entries after them (e.g. ContextLM's feedback). `ModelMemoryState` wraps that tuple
+with everything needed to check it against a model on another machine::
+
+    state = model.get_memory_state()            # ModelMemoryState (None if nothing is held)
+    newllm.save_memory_state(state, "mem.safetensors")
+    state = newllm.load_memory_state("mem.safetensors")   # e.g. in another process / machine
+    model.set_memory_state(state)               # validated: fingerprint, layer types, shapes
+
+File format (`FORMAT_NAME`, version `FORMAT_VERSION`): a safetensors file whose tensors are named
+`"{entry}.{field}"` (e.g. `"0.memory"`, `"3.k"`) and whose metadata holds one key, `"newllm"`, a
+JSON header::
+
+    {"format": "newllm.memory_state", "version": 1, "fingerprint": <model.config.fingerprint()>,
+     "compact": bool, "tokens_absorbed": int | null,
+     "entries": [{"index": i, "layer_type": "infini" | "pythia" | ... | "model",
+                  "state_type": "InfiniState" | "KVCache" | null, "fields": [...],
+                  "compressive": bool, "tokens": int | null,
+                  "tensors": {field: {"shape": [...], "dtype": "float32"}}}, ...],
+     "sha256": hex digest of the header without this key, then every tensor's name, dtype,
+               shape and bytes in entry/field order}
+
+The digest makes a tampered or truncated file fail loudly (`NewLLMError`, one line) instead of
+loading wrong numbers. It is an integrity check, not a signature: anyone can recompute it. No
+pickle anywhere: a state file from another machine cannot run code.
+
+Compact states (`compact=True`) keep only the entries of layers with `has_compressive_memory`
+(and model-level entries); the softmax-attention layers' KV caches become None. Continuing from a
+compact state means: the compressive layers continue exactly where they were (memory, counters and
+the incomplete segment), while every attention layer starts with an EMPTY cache, so it sees only
+the new tokens, with positions counted again from 0. The logits are those of running the new
+tokens with those caches empty, not those of the full state: the past reaches the attention layers
+only through the memory layers below them. That is the seeds' "carry the memory to another
+machine" use; its size does not grow with the tokens absorbed.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from newllm.errors import NewLLMError
+
+FORMAT_NAME = "newllm.memory_state"
+FORMAT_VERSION = 1
+METADATA_KEY = "newllm"
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
+               torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
+               torch.uint8: "uint8", torch.int8: "int8"}
+DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+MODEL_ENTRY = "model"  # layer_type of entries after the layers (model-level state)
+
+
+@dataclass
+class EntryState:
+    """One entry of a model's state: a layer's NamedTuple (or None) with its description."""
+
+    index: int
+    layer_type: str  # registry name of the layer, or MODEL_ENTRY for a model-level entry
+    state_type: str | None  # NamedTuple class name; None when the entry is empty
+    fields: tuple[str, ...] = ()
+    tensors: tuple[torch.Tensor, ...] | None = None  # in `fields` order; None when empty
+    compressive: bool = False  # the layer's has_compressive_memory
+    tokens: int | None = None  # tokens this entry has absorbed, where the layer can tell
+
+    def size_bytes(self) -> int:
+        return 0 if self.tensors is None else sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def describe(self) -> dict[str, Any]:
+        return {"index": self.index, "layer_type": self.layer_type, "state_type": self.state_type,
+                "fields": list(self.fields), "compressive": self.compressive, "tokens": self.tokens,
+                "tensors": {} if self.tensors is None else
+                {f: {"shape": list(t.shape), "dtype": DTYPE_NAMES.get(t.dtype, str(t.dtype))}
+                 for f, t in zip(self.fields, self.tensors)}}
+
+
+@dataclass
+class ModelMemoryState:
+    """A model's memory, versioned and self-describing (see the module docstring)."""
+
+    fingerprint: str  # model.config.fingerprint() of the model it was taken from
+    entries: list[EntryState]
+    compact: bool = False
+    tokens_absorbed: int | None = None  # the most any entry has absorbed (None: no layer can tell)
+    version: int = FORMAT_VERSION
+    format: str = field(default=FORMAT_NAME)
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [e.layer_type for e in self.entries]
+
+    @property
+    def batch_size(self) -> int | None:
+        for e in self.entries:
+            for t in e.tensors or ():
+                if t.dim() >= 1:
+                    return t.shape[0]
+        return None
+
+    def size_bytes(self) -> list[int]:
+        """Bytes held by each entry's tensors (0 for an empty entry)."""
+        return [e.size_bytes() for e in self.entries]
+
+    def header(self) -> dict[str, Any]:
+        return {"format": self.format, "version": self.version, "fingerprint": self.fingerprint,
+                "compact": self.compact, "tokens_absorbed": self.tokens_absorbed,
+                "entries": [e.describe() for e in self.entries]}
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{e.index}.{f}": t for e in self.entries if e.tensors is not None
+                for f, t in zip(e.fields, e.tensors)}
+
+
+# ---------------------------------------------------------------------------- from / to a model
+def entry_tokens(layer, state) -> int | None:
+    """Tokens a layer's state has absorbed: the layer's own `tokens_absorbed`, or a KV cache's pos."""
+    if state is None:
+        return None
+    if layer is not None and hasattr(layer, "tokens_absorbed"):
+        return int(layer.tokens_absorbed(state))
+    if "pos" in getattr(state, "_fields", ()):
+        return int(state.pos)
+    return None
+
+
+def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
+    """Wrap a model's raw state tuple (detached) in a `ModelMemoryState`."""
+    layers = list(model.layers)
+    entries = []
+    for i, s in enumerate(raw):
+        layer = layers[i] if i < len(layers) else None
+        compressive = bool(getattr(layer, "has_compressive_memory", False))
+        layer_type = layer.layer_type if layer is not None else MODEL_ENTRY
+        tokens = entry_tokens(layer, s)
+        if s is None or (compact and layer is not None and not compressive):
+            entries.append(EntryState(i, layer_type, None, compressive=compressive))
+            continue
+        if not hasattr(s, "_fields"):
+            raise NewLLMError(f"state entry {i} ({layer_type}) is a {type(s).__name__}, expected a NamedTuple "
+                              "of tensors")
+        entries.append(EntryState(i, layer_type, type(s).__name__, tuple(s._fields),
+                                  tuple(t.detach() for t in s), compressive, tokens))
+    known = [e.tokens for e in entries if e.tokens is not None]
+    return ModelMemoryState(model.config.fingerprint(), entries, compact, max(known) if known else None)
+
+
+def state_class(model, name: str, fields: tuple[str, ...]):
+    """The NamedTuple class called `name` with these fields, looked up in the modules of the model's
+    layers and of the model; a plain namedtuple with the same fields when none is found."""
+    modules = {type(model).__module__, "newllm.models.layers.base", "newllm.models.ops.memory"}
+    modules |= {type(layer).__module__ for layer in model.layers}
+    for mod in modules:
+        cls = getattr(sys.modules.get(mod), name, None)
+        if isinstance(cls, type) and issubclass(cls, tuple) and tuple(getattr(cls, "_fields", ())) == fields:
+            return cls
+    return collections.namedtuple(name, fields)
+
+
+@torch.no_grad()
+def probe_state(layer, tokens: int):
+    """The state a layer produces from `tokens` zero inputs at batch 1 (its structure, not values)."""
+    p = next(layer.parameters(), None)
+    x = torch.zeros(1, tokens, layer.hidden_size, dtype=p.dtype if p is not None else None,
+                    device=p.device if p is not None else None)
+    return layer(x, None)[1]
+
+
+def check_entry(model, layer, e: EntryState) -> None:
+    """Raise NewLLMError naming the first way `e` does not fit `layer` (type, fields, rank, shape).
+
+    The expected structure comes from the layer itself: the state it makes from 1 and from 2 zero
+    tokens. Dims that differ between the two (a KV cache's length, a partial segment) may have any
+    size; every other dim except the batch must match exactly.
+    """
+    where = f"memory state layer {e.index}"
+    if e.layer_type != layer.layer_type:
+        raise NewLLMError(f"{where}: state is for a {e.layer_type!r} layer, the model has {layer.layer_type!r}")
+    if e.tensors is None:
+        return
+    one, two = probe_state(layer, 1), probe_state(layer, 2)
+    if one is None:
+        raise NewLLMError(f"{where} ({e.layer_type}): the layer keeps no state, the file has {e.state_type}")
+    if type(one).__name__ != e.state_type or tuple(one._fields) != e.fields:
+        raise NewLLMError(f"{where} ({e.layer_type}): state is {e.state_type}{list(e.fields)}, the layer makes "
+                          f"{type(one).__name__}{list(one._fields)}")
+    batch = None
+    for f, t, a, b in zip(e.fields, e.tensors, one, two):
+        if t.dim() != a.dim():
+            raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has shape {tuple(t.shape)}, the layer "
+                              f"expects {a.dim()} dims like {tuple(a.shape)}")
+        if t.dtype.is_floating_point != a.dtype.is_floating_point:
+            raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} is {t.dtype}, the layer uses {a.dtype}")
+        for dim in range(1, t.dim()):
+            if a.shape[dim] == b.shape[dim] and t.shape[dim] != a.shape[dim]:
+                raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has shape {tuple(t.shape)}, this "
+                                  f"model's layer needs size {a.shape[dim]} in dim {dim}")
+        if t.dim() >= 1:
+            if batch is not None and t.shape[0] != batch:
+                raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has batch {t.shape[0]}, others {batch}")
+            batch = t.shape[0]
+
+
+def unpack(model, state: ModelMemoryState) -> tuple:
+    """Validate `state` against `model` and return the raw per-entry tuple, on the model's device
+    and in its dtypes (floating tensors are cast to the dtype the layer itself uses)."""
+    if not isinstance(state, ModelMemoryState):
+        raise NewLLMError(f"expected a ModelMemoryState, got {type(state).__name__}")
+    if state.format != FORMAT_NAME or state.version != FORMAT_VERSION:
+        raise NewLLMError(f"memory state format {state.format!r} version {state.version} is not supported "
+                          f"(this is {FORMAT_NAME!r} version {FORMAT_VERSION})")
+    layers = list(model.layers)
+    n_layers = sum(1 for e in state.entries if e.layer_type != MODEL_ENTRY)
+    if n_layers != len(layers):
+        raise NewLLMError(f"memory state has {n_layers} layer entries, the model has {len(layers)} layers")
+    for e, layer in zip(state.entries, layers):
+        if e.layer_type != layer.layer_type:
+            raise NewLLMError(f"memory state layer {e.index}: state is for a {e.layer_type!r} layer, the model "
+                              f"has {layer.layer_type!r}")
+    for e, layer in zip(state.entries, layers):
+        check_entry(model, layer, e)
+    want = model.config.fingerprint()
+    if state.fingerprint != want:
+        raise NewLLMError(f"memory state fingerprint {state.fingerprint} does not match the model's {want} "
+                          "(same layer types and shapes, but a different config: segment length, rule, ...)")
+    p = next(model.parameters())
+    raw = []
+    for i, e in enumerate(state.entries):
+        if e.tensors is None:
+            raw.append(None)
+            continue
+        ref = probe_state(layers[i], 1) if i < len(layers) else None
+        tensors = []
+        for j, t in enumerate(e.tensors):
+            dtype = ref[j].dtype if ref is not None and t.dtype.is_floating_point else t.dtype
+            tensors.append(t.to(device=p.device, dtype=dtype))
+        raw.append(state_class(model, e.state_type, e.fields)(*tensors))
+    return tuple(raw)
+
+
+# ---------------------------------------------------------------------------- files
+def digest(header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the header (without "sha256") and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{DTYPE_NAMES.get(t.dtype, str(t.dtype))}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_memory_state(state: ModelMemoryState, path: str | Path) -> None:
+    """Write `state` to a safetensors file (JSON header in its metadata, see the module docstring)."""
+    from safetensors.torch import save_file
+
+    if not isinstance(state, ModelMemoryState):
+        raise NewLLMError(f"save_memory_state: expected a ModelMemoryState (model.get_memory_state()), got "
+                          f"{type(state).__name__}")
+    # clone: safetensors refuses views and tensors sharing storage (a broadcast batch-1 state is both)
+    tensors = {k: t.detach().cpu().contiguous().clone() for k, t in state.named_tensors().items()}
+    header = state.header()
+    header["sha256"] = digest(header, tensors)
+    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})
+
+
+def load_memory_state(path: str | Path) -> ModelMemoryState:
+    """Read a state written by `save_memory_state`; a corrupt, truncated or tampered file raises
+    `NewLLMError` naming the file and the problem."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise NewLLMError(f"{path}: memory state file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise NewLLMError(f"{path}: not a readable safetensors file (truncated or corrupt): "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+    if METADATA_KEY not in meta:
+        raise NewLLMError(f"{path}: safetensors file without a newllm memory-state header")
+    try:
+        header = json.loads(meta[METADATA_KEY])
+        if not isinstance(header, dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise NewLLMError(f"{path}: memory-state header is not valid JSON ({err})") from None
+    if header.get("format") != FORMAT_NAME:
+        raise NewLLMError(f"{path}: not a newllm memory state (format {header.get('format')!r})")
+    if header.get("version") != FORMAT_VERSION:
+        raise NewLLMError(f"{path}: memory-state version {header.get('version')} is not supported "
+                          f"(this newllm reads version {FORMAT_VERSION})")
+    try:
+        entries_h = header["entries"]
+        names = [f"{e['index']}.{f}" for e in entries_h for f in e["fields"] if e["tensors"]]
+    except (KeyError, TypeError) as err:
+        raise NewLLMError(f"{path}: memory-state header is missing {err}") from None
+    if sorted(names) != sorted(tensors):
+        raise NewLLMError(f"{path}: tensors {sorted(tensors)} do not match the header's {sorted(names)}")
+    ordered = {n: tensors[n] for n in names}
+    if header.get("sha256") != digest(header, ordered):
+        raise NewLLMError(f"{path}: sha256 check failed: the file was modified or damaged after it was saved")
+    entries = []
+    for e in entries_h:
+        ts = None
+        if e["tensors"]:
+            ts = tuple(ordered[f"{e['index']}.{f}"] for f in e["fields"])
+            for f, t in zip(e["fields"], ts):
+                d = e["tensors"][f]
+                if list(t.shape) != d["shape"] or DTYPE_NAMES.get(t.dtype) != d["dtype"]:
+                    raise NewLLMError(f"{path}: tensor {e['index']}.{f} is {list(t.shape)} {t.dtype}, the header "
+                                      f"says {d['shape']} {d['dtype']}")
+        entries.append(EntryState(e["index"], e["layer_type"], e["state_type"], tuple(e["fields"]), ts,
+                                  e["compressive"], e["tokens"]))
+    return ModelMemoryState(header["fingerprint"], entries, header["compact"], header["tokens_absorbed"],
+                            header["version"], header["format"])
+
+
+def format_state(state: ModelMemoryState) -> str:
+    """A human-readable table of a state (the `newllm memory info` output)."""
+    lines = [f"format {state.format} v{state.version}, fingerprint {state.fingerprint}, "
+             f"{'compact, ' if state.compact else ''}batch {state.batch_size}, tokens absorbed "
+             f"{state.tokens_absorbed}, {sum(state.size_bytes()):,} bytes"]
+    for e in state.entries:
+        shapes = "empty" if e.tensors is None else ", ".join(
+            f"{f} {tuple(t.shape)} {DTYPE_NAMES.get(t.dtype, t.dtype)}" for f, t in zip(e.fields, e.tensors))
+        lines.append(f"  [{e.index}] {e.layer_type:<13} {e.state_type or '-':<16} {e.size_bytes():>12,} B  "
+                     f"tokens {e.tokens}  {shapes}")
+    return "\n".join(lines)
