@@ -1,0 +1,43 @@
+"""`newllm train --config configs/X.yaml [--set key=value ...]` or `newllm train --resume RUN_DIR`.
+
+`--set` takes dotted keys for nested fields (`--set eval.every=100 --set model.overrides.hidden_size=128`);
+values are YAML scalars. With `--resume`, the checkpoint's own config is used and `--set` edits it
+(e.g. a larger `max_steps` to extend a finished run); the run continues in the run folder that holds
+the checkpoint (RUN_DIR/checkpoints/step-N), wherever that folder has been moved.
+"""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model from a YAML recipe (configs/*.yaml)")
+    p.add_argument("--config", help="YAML recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field (dotted keys for nested fields); repeatable")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue from a run folder or checkpoint folder")
+    p.add_argument("--data-dir", help="folder holding data/ (default: $NEWLLM_DATA_DIR or ../shared)")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import json
+
+    from newllm.errors import NewLLMError
+    from newllm.train.checkpoint import find_checkpoint, load_trainer_state
+    from newllm.train.config import TrainConfig, apply_overrides, load_config
+    from newllm.train.loop import train
+
+    if args.resume:
+        if args.config:
+            raise NewLLMError("--resume uses the checkpoint's own config; drop --config (use --set to change fields)")
+        folder = find_checkpoint(args.resume)
+        stored = load_trainer_state(folder)["config"]
+        stored["run_dir"] = str(folder.parent.parent)  # continue in the run folder the checkpoint is in
+        cfg = TrainConfig.from_dict(apply_overrides(stored, args.overrides), where=str(folder / "trainer.pt"))
+    elif args.config:
+        cfg = load_config(args.config, args.overrides)
+    else:
+        raise NewLLMError("give --config RECIPE.yaml (see configs/) or --resume RUN_DIR")
+    results = train(cfg, resume=args.resume, data_dir=args.data_dir, tensorboard=not args.no_tensorboard)
+    print(json.dumps(results, indent=2))
+    return 0
