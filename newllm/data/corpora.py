@@ -147,7 +147,7 @@ def char_split(text: str, split: str) -> str:
     """The train / valid / test part of one text by characters (`CHAR_SPLIT`), cut at line breaks."""
     def cut(frac: float) -> int:
         i = int(len(text) * frac)
-        nl = text.find("\n", i)
+        nl = text.find("\n", max(i - 1, 0))  # a cut already at a line start stays there
         return len(text) if nl < 0 else nl + 1
 
     a, b = cut(CHAR_SPLIT[0]), cut(CHAR_SPLIT[0] + CHAR_SPLIT[1])
