@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from newllm.errors import NewLLMError
+from newllm.train.lct import MODES, LCTConfig
 
 AMP_MODES = ("none", "bf16", "fp16")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -109,6 +110,10 @@ class TrainConfig:
     checkpoint_every: int = 500  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 1
     progress: bool = True  # tqdm bar
+    # how a step computes its loss (newllm/train/lct.py): "parallel" = model(x); "sequential" = the exact
+    # recurrence of a recurrent preset (context_pythia) with gradients through it; "lct" = Lagged Cache Training
+    mode: str = "parallel"
+    lct: LCTConfig = field(default_factory=LCTConfig)  # options of the sequential and lct modes
 
     def __post_init__(self):
         _check_pos("train", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -130,6 +135,8 @@ class TrainConfig:
             raise NewLLMError(f"train: amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise NewLLMError(f"train: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
+        if self.mode not in MODES:
+            raise NewLLMError(f"train: mode must be one of {MODES}, got {self.mode!r}")
         for name, group in self.param_groups.items():
             unknown = sorted(set(group) - {"lr", "weight_decay"})
             if unknown:
@@ -178,7 +185,8 @@ def _build(cls, d, where: str, prefix: str):
         raise NewLLMError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
 
 
-_NESTED = {(TrainConfig, "model"): ModelSpec, (TrainConfig, "data"): DataConfig, (TrainConfig, "eval"): EvalConfig}
+_NESTED = {(TrainConfig, "model"): ModelSpec, (TrainConfig, "data"): DataConfig, (TrainConfig, "eval"): EvalConfig,
+           (TrainConfig, "lct"): LCTConfig}
 
 
 class _Loader(yaml.SafeLoader):
