@@ -229,3 +229,28 @@ def test_reset_and_none():
         assert model.get_memory_state() is None
     with pytest.raises(NewLLMError, match="expected a ModelMemoryState"):
         save_memory_state({"0.memory": torch.zeros(1)}, "x.safetensors")
+
+
+def test_cli_save_info_check(shared_dir, tmp_path, capsys):
+    from newllm.cli import main
+
+    model = tiny("hierarchical")
+    save_model(model, tmp_path / "model")
+    save_model(tiny("infini"), tmp_path / "other")
+    text = tmp_path / "t.txt"
+    text.write_text((shared_dir / "data" / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:600])
+    tok = str(shared_dir / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")
+    out = tmp_path / "m.safetensors"
+    assert main(["memory", "save", str(tmp_path / "model"), "--text", str(text), "--tokenizer", tok,
+                 "--out", str(out), "--max-tokens", "50", "--chunk", "7", "--compact"]) == 0
+    assert "50 tokens absorbed" in capsys.readouterr().out
+    state = load_memory_state(out)
+    assert state.compact and state.tokens_absorbed == 50 and state.layer_types == ["hierarchical", "pythia", "pythia"]
+    assert main(["memory", "info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert "HierarchicalState" in info and "compact" in info
+    assert main(["memory", "check", str(out), str(tmp_path / "model")]) == 0
+    assert "fits" in capsys.readouterr().out
+    assert main(["memory", "check", str(out), str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "state is for a 'hierarchical' layer, the model has 'infini'" in err and err.count("\n") == 1
