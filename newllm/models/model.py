@@ -115,8 +115,15 @@ class TransformerLM(nn.Module):
                               f"vocabulary [0, {self.config.vocab_size})")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: State | None = None,
-                update_memory: bool = False, output_hidden_states: bool = False) -> LMOutput:
-        """Logits for `input_ids` (B, T), continuing from `state` (default: the held memory)."""
+                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0) -> LMOutput:
+        """Logits for `input_ids` (B, T), continuing from `state` (default: the held memory).
+
+        `logits_to_keep` > 0 (as in transformers) projects only the last that many positions onto the
+        vocabulary: logits (B, logits_to_keep, V). Sliding-window evaluation scores only a window's
+        tail, and the LM head is half the work of a Pythia-70m-sized model.
+        """
+        if logits_to_keep and labels is not None:
+            raise NewLLMError("forward: labels= needs every position's logits; it cannot go with logits_to_keep")
         self.check_ids(input_ids)
         explicit = state is not None
         if not explicit:
@@ -131,6 +138,8 @@ class TransformerLM(nn.Module):
             new_state.append(s)
             if hidden is not None:
                 hidden.append(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # (B, k, d)
         logits = self.lm_head(self.norm(x))
         new_state = tuple(new_state)
         if update_memory:

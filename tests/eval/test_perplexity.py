@@ -113,6 +113,24 @@ def test_logits_to_keep_path(model):
     assert (32, 9) in wrapped.calls  # later windows project only their 8 new tokens (+1 for the shift)
 
 
+def test_transformer_lm_projects_only_scored_positions(model):
+    ids = ids_of(40)[None]
+    with torch.no_grad():
+        full = model(ids).logits
+        tail = model(ids, logits_to_keep=9).logits
+    torch.testing.assert_close(tail, full[:, -9:], atol=1e-6, rtol=0)
+    with pytest.raises(NewLLMError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=3)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:2]))
+    try:
+        sliding_window_perplexity(model, ids_of(150), context=32, stride=8, batch_size=4, progress=False)
+    finally:
+        hook.remove()
+    # 15 full windows (4 + 4 + 4 + 3) and the short last one [120, 150), which scores [144, 150)
+    assert [tuple(r) for r in rows] == [(4, 32), (4, 9), (4, 9), (3, 9), (1, 7)]  # new tokens + 1 for the shift
+
+
 def test_held_memory_set_aside_and_restored():
     torch.manual_seed(0)
     model = create_model("infini", **TINY, segment_length=8).eval()
