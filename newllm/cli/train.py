@@ -1,4 +1,4 @@
-"""`newllm train --config configs/X.yaml [--set key=value ...]` or `newllm train --resume RUN_DIR`.
+"""`newllm train --config configs/X.yaml [--mode lct] [--set key=value ...]` or `newllm train --resume RUN_DIR`.
 
 `--set` takes dotted keys for nested fields (`--set eval.every=100 --set model.overrides.hidden_size=128`);
 values are YAML scalars. With `--resume`, the checkpoint's own config is used and `--set` edits it
@@ -14,6 +14,9 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (dotted keys for nested fields); repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from a run folder or checkpoint folder")
+    p.add_argument("--mode", choices=["parallel", "sequential", "lct"],
+                   help="how steps compute the loss: parallel (default), or for a recurrent preset (context_pythia) "
+                        "the exact sequential recurrence or Lagged Cache Training; same as --set mode=...")
     p.add_argument("--data-dir", help="folder holding data/ (default: $NEWLLM_DATA_DIR or ../shared)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
     p.set_defaults(func=run)
@@ -27,6 +30,8 @@ def run(args) -> int:
     from newllm.train.config import TrainConfig, apply_overrides, load_config
     from newllm.train.loop import train
 
+    if args.mode:
+        args.overrides = [*args.overrides, f"mode={args.mode}"]
     if args.resume:
         if args.config:
             raise NewLLMError("--resume uses the checkpoint's own config; drop --config (use --set to change fields)")

@@ -73,6 +73,35 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+class WindowSampler:
+    """Batches of windows in a shuffled order that depends only on (seed, epoch); see the module doc.
+
+    Position (epoch, index): the next batch is windows perm(epoch)[index : index + batch_size].
+    """
+
+    def __init__(self, windows, batch_size: int, seed: int, device=torch.device("cpu")):
+        if len(windows) < batch_size:
+            raise NewLLMError(f"training data has {len(windows)} windows of {windows.seq_len} tokens, "
+                              f"fewer than batch_size {batch_size}")
+        self.windows, self.batch_size, self.seed, self.device = windows, batch_size, seed, device
+        self.epoch, self.index = 0, 0
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def seek(self, epoch: int, index: int) -> None:
+        self.epoch, self.index = epoch, index
+
+    def next_batch(self) -> torch.Tensor:
+        """(B, seq_len + 1) int64 windows at the current position; advances it."""
+        B, n = self.batch_size, len(self.windows)
+        if self.index + B > n:  # the incomplete last batch of an epoch is dropped
+            self.epoch, self.index = self.epoch + 1, 0
+        if self._perm is None or self._perm[0] != self.epoch:
+            self._perm = (self.epoch, torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)))
+        idx = self._perm[1][self.index: self.index + B].tolist()
+        self.index += B
+        return torch.stack([self.windows[i] for i in idx]).to(self.device, non_blocking=True)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -92,18 +121,14 @@ class Trainer:
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
         self.windows = TokenWindows(train_tokens, cfg.seq_len + 1, stride=cfg.seq_len)
-        if len(self.windows) < cfg.batch_size:
-            raise NewLLMError(f"training data has {len(self.windows)} windows of {cfg.seq_len + 1} tokens, "
-                              f"fewer than batch_size {cfg.batch_size}")
+        self.sampler = WindowSampler(self.windows, cfg.batch_size, cfg.seed, self.device)
         self.valid_tokens = valid_tokens
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         self.tokens = 0  # predicted tokens consumed
         self.elapsed_s = 0.0  # seconds spent in training steps (not eval / checkpoints)
-        self.epoch, self.index = 0, 0  # data position: next window is perm(epoch)[index]
         self.skipped = 0
-        self._perm: tuple[int, torch.Tensor] | None = None
         self.metrics: MetricsLog | None = None
 
     def autocast(self):
@@ -114,15 +139,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def next_batch(self) -> torch.Tensor:
-        """(B, seq_len + 1) int64 windows at the current data position; advances it."""
-        B, n = self.cfg.batch_size, len(self.windows)
-        if self.index + B > n:
-            self.epoch, self.index = self.epoch + 1, 0
-        if self._perm is None or self._perm[0] != self.epoch:
-            self._perm = (self.epoch, torch.randperm(n, generator=epoch_generator(self.cfg.seed, self.epoch)))
-        idx = self._perm[1][self.index: self.index + B].tolist()
-        self.index += B
-        return torch.stack([self.windows[i] for i in idx]).to(self.device, non_blocking=True)
+        return self.sampler.next_batch()
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def index(self) -> int:
+        return self.sampler.index
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
@@ -285,8 +310,7 @@ class Trainer:
         ckpt.set_rng_state(s["rng"])
         self.step, self.tokens = int(s["step"]), int(s["tokens"])
         self.elapsed_s, self.skipped = float(s.get("elapsed_s", 0.0)), int(s.get("skipped", 0))
-        self.epoch, self.index = int(s["data"]["epoch"]), int(s["data"]["index"])
-        self._perm = None
+        self.sampler.seek(int(s["data"]["epoch"]), int(s["data"]["index"]))
 
     def _group_base_lr(self, name: str) -> float:
         if name in ("decay", "no_decay"):
