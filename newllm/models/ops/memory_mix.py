@@ -57,26 +57,27 @@ def segments_per_memory(segments: int, memories: int) -> list[int]:
     return [max(0, -(-(segments - m) // memories)) for m in range(memories)]
 
 
-def mixture_read(q: torch.Tensor, fq: torch.Tensor, mems: list[torch.Tensor], zs: list[torch.Tensor],
-                 key_sums: list[torch.Tensor], counts: list[int], segment_length: int,
+def mixture_read(q: torch.Tensor, fq: torch.Tensor, memory: torch.Tensor, norm: torch.Tensor,
+                 key_sum: torch.Tensor, counts: list[int], segment_length: int,
                  route_scale: torch.Tensor, eps: float) -> torch.Tensor:
     """A_mem of one segment's queries (see the module docstring).
 
-    q: (B, H, t, Dk) raw queries (fp32), fq: their features; mems[m]: (B, H, Dk, Dv); zs[m],
-    key_sums[m]: (B, H, Dk); counts[m]: segments in memory m; route_scale: (H,) rho.
+    q: (B, H, t, Dk) raw queries (fp32), fq: their features; memory: (B, M, H, Dk, Dv); norm,
+    key_sum: (B, M, H, Dk); counts[m]: segments in memory m; route_scale: (H,) rho.
     Returns (B, H, t, Dv) fp32.
     """
-    live = [m for m, c in enumerate(counts) if c > 0]
     B, H, t, Dk = q.shape
-    if not live:  # nothing written yet: an empty memory reads 0
-        return q.new_zeros(B, H, t, mems[0].shape[-1])
-    mem = torch.stack([mems[m] for m in live], 1)  # (B, L, H, Dk, Dv)
-    z = torch.stack([zs[m] for m in live], 1)  # (B, L, H, Dk)
-    num, den = read_terms(fq.unsqueeze(1), mem, z)  # (B, L, H, t, Dv), (B, L, H, t, 1)
+    if not any(counts):  # nothing written yet: an empty memory reads 0
+        return q.new_zeros(B, H, t, memory.shape[-1])
+    num, den = read_terms(fq.unsqueeze(1), memory, norm)  # (B, M, H, t, Dv), (B, M, H, t, 1)
     reads = num / (den + eps)
-    kbar = torch.stack([key_sums[m] / (counts[m] * segment_length) for m in live], 1)  # (B, L, H, Dk)
-    logits = torch.einsum("bhtk,blhk->blht", q, kbar) * (Dk**-0.5) * route_scale.float().view(1, 1, H, 1)
-    w = logits.softmax(dim=1)  # (B, L, H, t): weights over the live memories
+    n_tok = torch.tensor([max(c, 1) * segment_length for c in counts], dtype=torch.float32, device=q.device)
+    kbar = key_sum / n_tok.view(1, -1, 1, 1)  # (B, M, H, Dk): each memory's mean key
+    logits = torch.einsum("bhtk,bmhk->bmht", q, kbar) * (Dk**-0.5) * route_scale.float().view(1, 1, H, 1)
+    if not all(counts):  # unwritten memories take no part in the mix
+        empty = torch.tensor([c == 0 for c in counts], device=q.device).view(1, -1, 1, 1)
+        logits = logits.masked_fill(empty, float("-inf"))
+    w = logits.softmax(dim=1)  # (B, M, H, t): weights over the memories
     return (w.unsqueeze(-1) * reads).sum(1)
 
 
@@ -118,10 +119,15 @@ def mixture_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Mixtu
     q32 = q.float()
     fq_segs, q_segs = phi(q, scale).split(q_sizes, dim=2), q32.split(q_sizes, dim=2)
     outs, bad_rows, written = [], torch.zeros(B, dtype=torch.long, device=k.device), 0
+    # the stacked (B, M, ...) tensors, rebuilt only after a write: a call that writes nothing (most
+    # decoding steps) reads and returns the state's own tensors without copying them
+    stacked = tuple(t.float().expand(B, *t.shape[1:]) for t in (state.memory, state.norm, state.key_sum))
     for i in range(len(sizes)):
         if q_sizes[i]:
+            if stacked is None:
+                stacked = (torch.stack(mems, 1), torch.stack(zs, 1), torch.stack(ks, 1))
             counts = segments_per_memory(first + written, M)
-            outs.append(mixture_read(q_segs[i], fq_segs[i], mems, zs, ks, counts, S, route_scale, eps))
+            outs.append(mixture_read(q_segs[i], fq_segs[i], *stacked, counts, S, route_scale, eps))
         if sizes[i] < S and not write_partial:
             break
         m = (first + written) % M
@@ -131,11 +137,13 @@ def mixture_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Mixtu
         mems[m], zs[m], ks[m] = mems[m] + dm, zs[m] + dz, ks[m] + dk
         bad_rows = bad_rows + bad
         written += 1
+        stacked = None
     out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, Dv, dtype=torch.float32)
     skipped = int(bad_rows.sum()) if check_finite else 0
     if skipped:
         warnings.warn(f"mixture_scan: non-finite memory update in batch rows "
                       f"{bad_rows.nonzero().flatten().tolist()} skipped ({skipped} segment updates)")
-    new_state = MixtureState(torch.stack(mems, 1), torch.stack(zs, 1), torch.stack(ks, 1),
-                             state.segments + written, state.skipped + skipped)
+    if stacked is None:
+        stacked = (torch.stack(mems, 1), torch.stack(zs, 1), torch.stack(ks, 1))
+    new_state = MixtureState(*stacked, state.segments + written, state.skipped + skipped)
     return out.to(q.dtype), new_state
