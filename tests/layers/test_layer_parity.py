@@ -131,3 +131,24 @@ def test_kv_cache_continuation_equals_dynamic_cache(case):
     torch.testing.assert_close(a, ra, atol=FWD_ATOL, rtol=0)
     torch.testing.assert_close(b, rb, atol=FWD_ATOL, rtol=0)
     assert int(state.pos) == T0 and state.k.shape[-2] == T0
+
+
+@pytest.mark.parametrize("rotary", [0, 4, 16], ids=["R0", "R4", "R16-full"])
+def test_split_qkv_rope_is_bit_equal_to_split_then_rope(rotary):
+    """The fused op PythiaLayer uses == view/transpose/split + `apply_rope`, to the bit, fwd and bwd."""
+    from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, split_qkv_rope
+
+    Bq, Tq, h, Dh = 2, 13, 3, 16
+    cos, sin = rope_cos_sin(rope_inv_freq(rotary, 100.0), torch.arange(5, 5 + Tq), torch.float32)
+    g = torch.Generator().manual_seed(5)
+    x1 = torch.randn(Bq, Tq, 3 * h * Dh, generator=g, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    fused = split_qkv_rope(x1, h, cos, sin)
+    q, k, v = x2.view(Bq, Tq, h, 3 * Dh).transpose(1, 2).split(Dh, dim=-1)
+    ref = (apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+    for a, b in zip(fused, ref):
+        assert a.shape == (Bq, h, Tq, Dh) and torch.equal(a, b)
+    ws = [torch.randn(Bq, h, Tq, Dh, generator=g) for _ in range(3)]
+    sum((a * w).sum() for a, w in zip(fused, ws)).backward()
+    sum((b * w).sum() for b, w in zip(ref, ws)).backward()
+    assert torch.equal(x1.grad, x2.grad)

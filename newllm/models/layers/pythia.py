@@ -22,7 +22,7 @@ from torch import nn
 from newllm.errors import NewLLMError
 from newllm.models.layers.base import BaseLayer, KVCache, check_positive, extend_kv_cache, register_layer, resolve_config
 from newllm.models.ops.attention import causal_attention
-from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from newllm.models.ops.rope import rope_cos_sin, rope_inv_freq, split_qkv_rope
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, what GPT-NeoX's "gelu" means
@@ -94,12 +94,13 @@ class PythiaLayer(BaseLayer):
     def attention(self, x: torch.Tensor, state: KVCache | None):
         B, T, d = x.shape
         h, Dh = self.config.num_attention_heads, self.config.head_size
-        qkv = self.query_key_value(x).view(B, T, h, 3 * Dh).transpose(1, 2)  # (B, h, T, 3*Dh)
-        q, k, v = qkv.split(Dh, dim=-1)
+        qkv = self.query_key_value(x)  # (B, T, 3*d), interleaved per head
         start = 0 if state is None else int(state.pos)
         if self.config.rotary_ndims:
-            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=x.device), q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=x.device), qkv.dtype)
+            q, k, v = split_qkv_rope(qkv, h, cos, sin)  # (B, h, T, Dh) each, one fused autograd node
+        else:
+            q, k, v = qkv.view(B, T, h, 3 * Dh).transpose(1, 2).split(Dh, dim=-1)
         k_all, v_all, k_start, new_state = extend_kv_cache(state, k, v, self.config.sliding_window)
         out = causal_attention(q, k_all, v_all, start, k_start, Dh**-0.5, self.config.sliding_window)
         return self.dense(out.transpose(1, 2).reshape(B, T, d)), new_state
