@@ -134,12 +134,14 @@ def entry_tokens(layer, state) -> int | None:
 def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
     """Wrap a model's raw state tuple (detached) in a `ModelMemoryState`."""
     layers = list(model.layers)
-    entries = []
+    entries, known = [], []
     for i, s in enumerate(raw):
         layer = layers[i] if i < len(layers) else None
         compressive = bool(getattr(layer, "has_compressive_memory", False))
         layer_type = layer.layer_type if layer is not None else MODEL_ENTRY
         tokens = entry_tokens(layer, s)
+        if tokens is not None:  # counted before compaction: the model absorbed them either way
+            known.append(tokens)
         if s is None or (compact and layer is not None and not compressive):
             entries.append(EntryState(i, layer_type, None, compressive=compressive))
             continue
@@ -148,7 +150,6 @@ def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
                               "of tensors")
         entries.append(EntryState(i, layer_type, type(s).__name__, tuple(s._fields),
                                   tuple(t.detach() for t in s), compressive, tokens))
-    known = [e.tokens for e in entries if e.tokens is not None]
     return ModelMemoryState(model.config.fingerprint(), entries, compact, max(known) if known else None)
 
 
@@ -308,20 +309,25 @@ def load_memory_state(path: str | Path) -> ModelMemoryState:
     ordered = {n: tensors[n] for n in names}
     if header.get("sha256") != digest(header, ordered):
         raise NewLLMError(f"{path}: sha256 check failed: the file was modified or damaged after it was saved")
-    entries = []
-    for e in entries_h:
-        ts = None
-        if e["tensors"]:
-            ts = tuple(ordered[f"{e['index']}.{f}"] for f in e["fields"])
-            for f, t in zip(e["fields"], ts):
-                d = e["tensors"][f]
-                if list(t.shape) != d["shape"] or DTYPE_NAMES.get(t.dtype) != d["dtype"]:
-                    raise NewLLMError(f"{path}: tensor {e['index']}.{f} is {list(t.shape)} {t.dtype}, the header "
-                                      f"says {d['shape']} {d['dtype']}")
-        entries.append(EntryState(e["index"], e["layer_type"], e["state_type"], tuple(e["fields"]), ts,
-                                  e["compressive"], e["tokens"]))
-    return ModelMemoryState(header["fingerprint"], entries, header["compact"], header["tokens_absorbed"],
-                            header["version"], header["format"])
+    try:
+        entries = [load_entry(e, ordered, path) for e in entries_h]
+        return ModelMemoryState(header["fingerprint"], entries, header["compact"], header["tokens_absorbed"],
+                                header["version"], header["format"])
+    except (KeyError, TypeError) as err:
+        raise NewLLMError(f"{path}: memory-state header is malformed (missing or wrong {err})") from None
+
+
+def load_entry(e: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> EntryState:
+    ts = None
+    if e["tensors"]:
+        ts = tuple(tensors[f"{e['index']}.{f}"] for f in e["fields"])
+        for f, t in zip(e["fields"], ts):
+            d = e["tensors"][f]
+            if list(t.shape) != d["shape"] or DTYPE_NAMES.get(t.dtype) != d["dtype"]:
+                raise NewLLMError(f"{path}: tensor {e['index']}.{f} is {list(t.shape)} {t.dtype}, the header "
+                                  f"says {d['shape']} {d['dtype']}")
+    return EntryState(e["index"], e["layer_type"], e["state_type"], tuple(e["fields"]), ts, e["compressive"],
+                      e["tokens"])
 
 
 def format_state(state: ModelMemoryState) -> str:
