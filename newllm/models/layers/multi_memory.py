@@ -17,7 +17,9 @@ Why these choices:
   one call equals any split; each memory holds every M-th segment, i.e. M interleaved views of
   the stream, and with the delta rule each memory only corrects its own contents, so what one
   memory stores is not overwritten by what the others absorb (a single linear memory of Dm
-  dimensions holds about Dm associations; M memories about M * Dm).
+  dimensions holds about Dm associations; M memories about M * Dm). Routing a segment to its
+  best-matching memory instead is left out on purpose: an argmax gets no gradient, and it can flip
+  on a last-bit difference between one call and a split, breaking the contract for a whole write.
 * The mix is attention over memories: the query against each memory's mean key (its summary), on
   the softmax-attention scale. A query whose content was written into memory m pulls its read
   mostly from m instead of averaging it with M - 1 unrelated read-outs. rho (one per memory head,
