@@ -9,6 +9,10 @@ One optimizer step::
         backward(loss / grad_accum)                 # so the summed gradient is the batch mean's
     clip the global grad norm; set lr(step); AdamW step
 
+`mode: sequential | lct` (recurrent presets such as context_pythia) replaces the two loss lines by
+`newllm.train.lct.step_loss`: the exact recurrence, or Lagged Cache Training with its per-window
+hidden-state cache keyed by the window's index (staleness logged as kind "lct").
+
 Data order. The training tokens are cut into windows of seq_len + 1 tokens with stride seq_len
 (`TokenWindows`: every token is predicted once per epoch, no padding, the tail is dropped). Epoch e
 visits the windows in `randperm(n, generator seeded by hash(seed, e))`; the data position is
@@ -44,6 +48,7 @@ import torch.nn.functional as F
 from newllm.errors import NewLLMError
 from newllm.train import checkpoint as ckpt
 from newllm.train.config import TrainConfig
+from newllm.train.lct import make_cache, require_context_model, step_loss
 from newllm.train.metrics import MetricsLog
 from newllm.train.optim import budget_progress, build_optimizer, lr_factor, set_lr
 
@@ -99,6 +104,7 @@ class WindowSampler:
             self._perm = (self.epoch, torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)))
         idx = self._perm[1][self.index: self.index + B].tolist()
         self.index += B
+        self.last_ids = idx  # the windows' indices: LCT keys its hidden-state cache by them
         return torch.stack([self.windows[i] for i in idx]).to(self.device, non_blocking=True)
 
 
@@ -122,6 +128,12 @@ class Trainer:
         self.run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
         self.windows = TokenWindows(train_tokens, cfg.seq_len + 1, stride=cfg.seq_len)
         self.sampler = WindowSampler(self.windows, cfg.batch_size, cfg.seed, self.device)
+        # recurrent modes (newllm/train/lct.py), checked before any work; the LCT cache is not checkpointed
+        # (a resumed run warms it up again)
+        self.lct_cache = None
+        if cfg.mode != "parallel":
+            require_context_model(self.model, cfg.mode)
+            self.lct_cache = make_cache(self.model, cfg.lct) if cfg.mode == "lct" else None
         self.valid_tokens = valid_tokens
         self.optimizer = build_optimizer(self.model, cfg)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
@@ -154,11 +166,15 @@ class Trainer:
         cfg, model = self.cfg, self.model
         model.train()
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x = self.next_batch()
             with self.autocast():
-                logits = model(x[:, :-1]).logits  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+                if cfg.mode == "parallel":
+                    logits = model(x[:, :-1]).logits  # (B, T, V)
+                else:  # sequential / lct: all seq_len + 1 tokens in, the same seq_len predictions scored
+                    loss = self.recurrent_loss(x, measure=micro == 0)
+            if cfg.mode == "parallel":
+                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         step = self.step + 1
@@ -190,6 +206,18 @@ class Trainer:
         self.step = step
         self.tokens += cfg.tokens_per_step
         return StepResult(loss_value, grad_norm, self.cfg.lr * factor, skipped)
+
+    def recurrent_loss(self, x: torch.Tensor, measure: bool) -> torch.Tensor:
+        """Loss of one micro-batch in mode sequential or lct; logs LCT staleness every lct.staleness_every steps."""
+        c, step = self.cfg.lct, self.step + 1
+        measure = measure and self.cfg.mode == "lct" and c.staleness_every > 0 and step % c.staleness_every == 0
+        info = step_loss(self.cfg.mode, self.model, x, self.sampler.last_ids, self.lct_cache, c, labels=x,
+                         measure_staleness=measure)
+        if info.staleness is not None and self.metrics is not None:
+            self.metrics.log("lct", step, staleness=info.staleness, staleness_cached=info.staleness_cached,
+                             staleness_rel=info.staleness_rel, measure_s=info.measure_s,
+                             cached_samples=len(self.lct_cache))
+        return info.loss
 
     # ------------------------------------------------------------------ budget
     def done(self) -> bool:

@@ -178,3 +178,60 @@ def test_held_memory_is_refused(model):
 def test_config_validation(bad):
     with pytest.raises(NewLLMError, match=next(iter(bad))):
         LCTConfig(**bad)
+
+
+# ---------------------------------------------------------------------- through `newllm train --mode`
+RECIPE = {
+    "model": {"preset": "context_pythia", "overrides": {"hidden_size": 32, "num_attention_heads": 4,
+                                                        "intermediate_size": 64, "num_hidden_layers": 2}},
+    "data": {"corpus": None, "bpe_vocab_size": 300},
+    "eval": {"every": 2, "context": 16, "stride": 16, "batch_size": 8, "max_tokens": 128, "final_splits": ["valid"]},
+    "device": "cpu", "seq_len": 16, "batch_size": 4, "max_steps": 4, "warmup_steps": 1, "lr": 3e-3, "min_lr": 3e-4,
+    "log_every": 1, "checkpoint_every": 0, "progress": False, "lct": {"staleness_every": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_path(tmp_path_factory, shared_dir):
+    import json
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("lct_cli")
+    corpus = root / "shakespeare.txt"
+    corpus.write_text((shared_dir / "data" / "tinyshakespeare" / "input.txt").read_text()[:12000])
+    d = json.loads(json.dumps(RECIPE))
+    d["data"]["corpus"], d["data"]["cache_dir"] = str(corpus), str(root / "cache")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(d))
+    return root
+
+
+def test_newllm_train_mode_lct(recipe_path):
+    import json
+
+    from newllm.checkpoints.native import load_model
+    from newllm.cli import main
+    from newllm.models.context import ContextLM
+
+    run_dir = recipe_path / "run_lct"
+    rc = main(["train", "--config", str(recipe_path / "tiny.yaml"), "--mode", "lct", "--set", f"run_dir={run_dir}",
+               "--no-tensorboard"])
+    assert rc == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    stale = [r for r in records if r["kind"] == "lct"]
+    assert [r["step"] for r in stale] == [2, 4]
+    assert all(r["staleness"] > 0 and 0 < r["staleness_rel"] < 10 for r in stale)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert 1 < results["valid"]["token_ppl"] < 300
+    assert "mode: lct" in (run_dir / "config.yaml").read_text()
+    assert isinstance(load_model(run_dir / "final"), ContextLM)
+
+
+def test_newllm_train_mode_needs_a_recurrent_model(recipe_path, capsys):
+    from newllm.cli import main
+
+    rc = main(["train", "--config", str(recipe_path / "tiny.yaml"), "--mode", "sequential",
+               "--set", "model.preset=pythia", "--set", f"run_dir={recipe_path / 'run_bad'}", "--no-tensorboard"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs a recurrent model" in err and err.count("\n") == 1
