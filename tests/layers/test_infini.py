@@ -93,7 +93,7 @@ def test_banks_are_written_in_turn():
         assert s.memory[:, 0].abs().amax() > 0 and s.memory[:, 1:].abs().amax() == 0
         _, s = layer(x[:, 12:42], s)  # segments 2, 3 -> bank 1; 4, 5 -> bank 2; 6 (partial) unwritten
         assert s.memory[:, 1:].abs().flatten(2).amax(-1).min() > 0 and s.segment_k.shape[1] == 0
-        assert int(s.segments) == 7 - 0 and layer.tokens_absorbed(s) == 42
+        assert int(s.segments) == 7 and layer.tokens_absorbed(s) == 42
 
 
 def test_gradients_equal_for_one_call_and_pieces_and_reach_the_initial_state():

@@ -6,8 +6,8 @@
         ├── ln2 ── mlp ────────────────────────────────────────────────────────────────────────────┤
         └──────────────────────────────────────────────────────────────────────> y = x + dense(A) + mlp(ln2(x))
 
-The residual is Pythia's parallel one (`use_parallel_residual=False`: h = x + dense(A), y = h +
-mlp(ln2(h))), so an Infini layer drops into a Pythia stack in place of a PythiaLayer.
+The residual is Pythia's parallel one (with `use_parallel_residual=False` the sequential one:
+h = x + dense(A), y = h + mlp(ln2(h))), so an Infini layer takes a PythiaLayer's place in a stack.
 
 Segments. The token stream is cut into segments of S = `segment_length` tokens, counted from the
 first token the layer ever saw (not from the start of each call). Every token of segment s reads
