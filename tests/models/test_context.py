@@ -161,3 +161,14 @@ def test_bad_inputs_are_one_line_errors():
         tiny(context_feedback={"inti": "zero"})
     with pytest.raises(NewLLMError, match="detach_every must be > 0"):
         model(ids, detach_every=0)
+
+
+def test_generate_uses_the_recurrence():
+    model = tiny()
+    ids = ids_(B=2, n=4)
+    out = model.generate(ids, max_new_tokens=5)
+    ref = ids
+    with torch.no_grad():
+        for _ in range(5):
+            ref = torch.cat((ref, model(ref).logits[:, -1].argmax(-1, keepdim=True)), 1)
+    assert torch.equal(out, ref)

@@ -143,6 +143,12 @@ def test_evaluation_takes_the_exact_path(model):
         ref = model.forward_lagged(data, shift_context(h, model.initial_context(4)), labels=data)[0].loss
     torch.testing.assert_close(exact, ref, atol=1e-5, rtol=0)
     assert (lagged - exact).abs() > 1e-4
+    # the project's evaluator (disjoint windows = the rows of `data`) scores the exact model
+    from newllm.eval.perplexity import sliding_window_perplexity
+
+    res = sliding_window_perplexity(model, data.flatten(), context=T, stride=T, batch_size=4, progress=False)
+    assert res.n_tokens == 4 * (T - 1)
+    assert res.token_ppl == pytest.approx(float(exact.exp()), rel=1e-5)
 
 
 def test_modes(model):
