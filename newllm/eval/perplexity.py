@@ -67,6 +67,11 @@ def window_plan(n: int, context: int, stride: int) -> list[tuple[int, int, int]]
         begin += stride
 
 
+def _shape(window: tuple[int, int, int]) -> tuple[int, int]:
+    begin, end, first_scored = window
+    return end - begin, end - first_scored  # (tokens in the window, tokens scored)
+
+
 def _as_ids(token_ids) -> torch.Tensor:
     if isinstance(token_ids, torch.Tensor):
         ids = token_ids.detach().cpu()
@@ -133,10 +138,11 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
         if n_words == 0:
             raise NewLLMError("sliding_window_perplexity: text= has no words (empty or whitespace only)")
     plan = window_plan(ids.numel(), context, stride)
-    # consecutive windows of equal length share a batch (all but possibly the last have length `context`)
+    # consecutive windows of equal length and equal number of scored tokens share a batch: the first
+    # window (scores all its tokens) and the last (may be short) run alone, the rest `batch_size` at a time
     batches, cur = [], []
     for w in plan:
-        if cur and (len(cur) == batch_size or (w[1] - w[0]) != (cur[0][1] - cur[0][0])):
+        if cur and (len(cur) == batch_size or _shape(w) != _shape(cur[0])):
             batches.append(cur)
             cur = []
         cur.append(w)
@@ -160,7 +166,7 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
             length = batch[0][1] - batch[0][0]
             x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
             # logits at window position j predict token j+1: scoring from s needs positions s-1-begin..T-2
-            keep = max(e - s for b, e, s in batch) + 1
+            keep = _shape(batch[0])[1] + 1
             if keep_ok and keep < length:
                 logits = model(x, logits_to_keep=keep).logits  # (B, keep, V): the last `keep` positions
                 offset = length - keep

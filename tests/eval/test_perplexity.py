@@ -127,8 +127,9 @@ def test_transformer_lm_projects_only_scored_positions(model):
         sliding_window_perplexity(model, ids_of(150), context=32, stride=8, batch_size=4, progress=False)
     finally:
         hook.remove()
-    # 15 full windows (4 + 4 + 4 + 3) and the short last one [120, 150), which scores [144, 150)
-    assert [tuple(r) for r in rows] == [(4, 32), (4, 9), (4, 9), (3, 9), (1, 7)]  # new tokens + 1 for the shift
+    # the first window alone (it scores 31 tokens), 14 full windows (4 + 4 + 4 + 2) scoring 8 new tokens
+    # each, and the short last one [120, 150), which scores [144, 150); logits kept: scored + 1 (the shift)
+    assert [tuple(r) for r in rows] == [(1, 32), (4, 9), (4, 9), (4, 9), (2, 9), (1, 7)]
 
 
 def test_held_memory_set_aside_and_restored():
