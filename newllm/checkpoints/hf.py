@@ -323,9 +323,15 @@ def _open_safetensors(path: Path):
 
 
 def _open_bin(path: Path) -> dict[str, torch.Tensor]:
+    errors = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError)
     try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+    except errors as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NewLLMError(f"{path}: not a readable PyTorch weights file ({msg})") from None
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
@@ -376,6 +382,4 @@ def load_hf_model(folder, dtype=None) -> TransformerLM:
     with torch.no_grad():
         for ours, hf_name in plan.items():
             params[ours].copy_(files.read(hf_name).to(params[ours].dtype))
-    if config.tie_word_embeddings:
-        assert model.lm_head.weight is model.embed.weight
     return model

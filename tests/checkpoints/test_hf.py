@@ -115,7 +115,8 @@ def test_sharded_safetensors(tmp_path):
     assert_same_logits(newllm.load_pretrained(tmp_path, dtype=torch.float32), ref, ids())
 
 
-def test_pytorch_model_bin(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy-format"])
+def test_pytorch_model_bin(tmp_path, zip_format):
     """A pickle-format folder (written by hand: transformers 5 always writes safetensors, and its
     in-memory head name is lm_head) loads with weights_only=True, including the non-weight buffers
     that old Pythia checkpoints carry."""
@@ -125,7 +126,7 @@ def test_pytorch_model_bin(tmp_path):
     sd["gpt_neox.layers.0.attention.bias"] = torch.tril(torch.ones(1, 1, 8, 8, dtype=torch.bool))
     sd["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
     sd["gpt_neox.layers.1.attention.rotary_emb.inv_freq"] = torch.ones(2)
-    torch.save(sd, tmp_path / "pytorch_model.bin")
+    torch.save(sd, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
     assert_same_logits(newllm.load_pretrained(tmp_path, dtype=torch.float32), ref, ids())
 
 
@@ -198,10 +199,15 @@ def test_greedy_generate_equals_transformers(tmp_path, arch):
 
 
 # ------------------------------------------------------------------ one-line errors
-def neox_files(tmp_path):
-    """A valid folder as (config dict, tensors dict), for the error cases to break."""
-    src = saved(neox(), tmp_path / "src")
-    return json.loads((src / "config.json").read_text()), load_file(str(src / "model.safetensors"))
+@pytest.fixture(scope="module")
+def neox_source(tmp_path_factory):
+    return saved(neox(), tmp_path_factory.mktemp("neox-src"))
+
+
+@pytest.fixture
+def neox_files(neox_source):
+    """A valid folder's (config dict, tensors dict), fresh for each error case to break."""
+    return json.loads((neox_source / "config.json").read_text()), load_file(str(neox_source / "model.safetensors"))
 
 
 def write(tmp_path, config, tensors):
@@ -273,16 +279,16 @@ def assert_one_line_error(folder, pattern):
 
 
 @pytest.mark.parametrize("case", list(ERRORS))
-def test_one_line_errors(tmp_path, case):
-    config, tensors = neox_files(tmp_path)
+def test_one_line_errors(tmp_path, neox_files, case):
+    config, tensors = neox_files
     breaker, pattern = ERRORS[case]
     breaker(config, tensors)
     assert_one_line_error(write(tmp_path, config, tensors), pattern)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
-def test_corrupt_safetensors(tmp_path, damage):
-    config, tensors = neox_files(tmp_path)
+def test_corrupt_safetensors(tmp_path, neox_files, damage):
+    config, tensors = neox_files
     write(tmp_path, config, tensors)
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
@@ -290,23 +296,23 @@ def test_corrupt_safetensors(tmp_path, damage):
     assert_one_line_error(tmp_path, r"model\.safetensors: not a readable safetensors file")
 
 
-def test_corrupt_pytorch_bin(tmp_path):
-    config, _ = neox_files(tmp_path)
+def test_corrupt_pytorch_bin(tmp_path, neox_files):
+    config, _ = neox_files
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip file at all")
     assert_one_line_error(tmp_path, r"pytorch_model\.bin: not a readable PyTorch weights file")
 
 
-def test_pickle_with_code_is_refused(tmp_path):
+def test_pickle_with_code_is_refused(tmp_path, neox_files):
     """weights_only=True: a .bin that would run code on load is rejected, not executed."""
-    config, _ = neox_files(tmp_path)
+    config, _ = neox_files
     (tmp_path / "config.json").write_text(json.dumps(config))
     torch.save({"x": torch.zeros(1), "f": print}, tmp_path / "pytorch_model.bin")  # print would be a global
     assert_one_line_error(tmp_path, r"pytorch_model\.bin: not a readable PyTorch weights file")
 
 
-def test_no_weights_and_bad_json(tmp_path):
-    config, _ = neox_files(tmp_path)
+def test_no_weights_and_bad_json(tmp_path, neox_files):
+    config, _ = neox_files
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert_one_line_error(tmp_path, r"no weights \(looked for model\.safetensors")
     (tmp_path / "config.json").write_text("{not json")
