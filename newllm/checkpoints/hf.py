@@ -153,13 +153,16 @@ def _rope(cfg: _Reader, default_partial: float) -> tuple[float, float]:
     if rope_type != "default":
         raise NewLLMError(f"{cfg.path}: RoPE type {rope_type!r} is not supported (only 'default' RoPE is "
                           "implemented; scaled RoPE would give wrong logits)")
-    theta = params.get("rope_theta")
-    if theta is None:
-        theta = cfg.get("rope_theta", None) or cfg.get("rotary_emb_base", 10000.0)
-    partial = params.get("partial_rotary_factor")
-    if partial is None:
-        partial = cfg.get("rotary_pct", None) or cfg.get("partial_rotary_factor", default_partial)
-    return float(theta), float(partial)
+    def first(*values):  # the first value that is set (0.0 is a value: rotary_pct 0 means no RoPE)
+        return next(v for v in values if v is not None)
+
+    theta = first(params.get("rope_theta"), cfg.get("rope_theta", None), cfg.get("rotary_emb_base", 10000.0))
+    partial = first(params.get("partial_rotary_factor"), cfg.get("rotary_pct", None),
+                    cfg.get("partial_rotary_factor", default_partial))
+    try:
+        return float(theta), float(partial)
+    except (TypeError, ValueError):
+        raise NewLLMError(f"{cfg.path}: RoPE theta {theta!r} / rotary fraction {partial!r} are not numbers") from None
 
 
 def _token_id(cfg: _Reader, key: str, default: int | None) -> int | None:

@@ -70,7 +70,7 @@ def saved(ref, folder):
 
 # ------------------------------------------------------------------ logit parity
 @pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
-@pytest.mark.parametrize("rotary_pct", [0.25, 1.0], ids=["rot25", "rot100"])
+@pytest.mark.parametrize("rotary_pct", [0.0, 0.25, 1.0], ids=["rot0", "rot25", "rot100"])
 def test_gpt_neox_logits_equal_transformers(tmp_path, rotary_pct, parallel):
     ref = neox(rotary_pct, parallel)
     model = newllm.load_pretrained(saved(ref, tmp_path), dtype=torch.float32)
@@ -156,7 +156,8 @@ NEOX_OLD = dict(model_type="gpt_neox", vocab_size=V, hidden_size=32, num_hidden_
     (dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.5, "rope_theta": 77.0},
           rotary_pct=0.25, rotary_emb_base=1.0), 0.5, 77.0),  # rope_parameters wins over the old keys
     ({}, 0.25, 10000.0),  # transformers' GPTNeoXConfig defaults
-], ids=["v4-keys", "v5-rope_parameters", "defaults"])
+    (dict(rotary_pct=0.0), 0.0, 10000.0),  # 0 is a value (no RoPE), not "missing"
+], ids=["v4-keys", "v5-rope_parameters", "defaults", "no-rope"])
 def test_gpt_neox_rope_keys(tmp_path, fields, rotary_pct, base):
     layer = hf_config(write_config(tmp_path, **NEOX_OLD, **fields)).layers[0]
     assert (layer["rotary_pct"], layer["rotary_emb_base"]) == (rotary_pct, base)
