@@ -7,6 +7,9 @@ the same order with the same optimizer, for the same number of epochs:
 * lct-k: LCT with k refresh sweeps (k = 0 is the seed's method);
 * pythia (reference, with --reference): the same model without the feedback, trained in parallel.
 
+The modes' steps are interleaved (batch b of every mode, then batch b+1), so on a shared machine
+every mode sees the same background load; training is deterministic, so this changes no result.
+
 Printed: seconds per epoch of training steps (staleness measurements and evaluation excluded), the
 speed ratio against sequential, the exact-recurrence validation perplexity of every model
 (disjoint windows of seq_len tokens from an empty state, as in training), its ratio against
@@ -76,49 +79,70 @@ def epoch_order(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(h))
 
 
-def train_one(name: str, args, vocab: int, windows: torch.Tensor, valid: torch.Tensor) -> dict:
-    preset = "pythia" if name == "pythia" else "context_pythia"
-    mode = "parallel" if name == "pythia" else ("sequential" if name == "sequential" else "lct")
-    torch.manual_seed(args.seed)
-    model = create_model(preset, vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                         num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
-    cfg = LCTConfig(refresh_sweeps=int(name.split("-")[1]) if mode == "lct" else 0,
-                    warmup_sweeps=args.warmup_sweeps, staleness_every=args.staleness_every)
-    cache = make_cache(model, cfg) if mode == "lct" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+class Run:
+    """One mode's model, optimizer and LCT cache (same seed, so the same initial weights for every mode)."""
+
+    def __init__(self, name: str, args, vocab: int):
+        self.name = name
+        preset = "pythia" if name == "pythia" else "context_pythia"
+        self.mode = "parallel" if name == "pythia" else ("sequential" if name == "sequential" else "lct")
+        torch.manual_seed(args.seed)
+        self.model = create_model(preset, vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                                  num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
+        self.cfg = LCTConfig(refresh_sweeps=int(name.split("-")[1]) if self.mode == "lct" else 0,
+                             warmup_sweeps=args.warmup_sweeps, staleness_every=args.staleness_every)
+        self.cache = make_cache(self.model, self.cfg) if self.mode == "lct" else None
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        self.epoch_s, self.losses, self.stale = [], [], []
+
+    def step(self, ids: torch.Tensor, sample_ids: torch.Tensor, step: int, lr: float) -> float:
+        """One optimizer step; returns its seconds (staleness measurement excluded)."""
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        measure = self.mode == "lct" and self.cfg.staleness_every > 0 and step % self.cfg.staleness_every == 0
+        self.model.train()
+        t0 = time.perf_counter()
+        info = step_loss(self.mode, self.model, ids, sample_ids, self.cache, self.cfg, measure_staleness=measure)
+        info.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        spent = time.perf_counter() - t0 - info.measure_s
+        self.losses.append(float(info.loss.detach()))
+        if measure:
+            self.stale.append({"step": step, "staleness": info.staleness, "cached": info.staleness_cached,
+                               "relative": info.staleness_rel})
+        return spent
+
+
+def train_all(names: list[str], args, vocab: int, windows: torch.Tensor, valid: torch.Tensor) -> list[dict]:
+    """Train every mode on the same batches; steps are interleaved (batch b of every mode, then b+1), so
+    on a shared machine all modes see the same background load."""
+    runs = [Run(n, args, vocab) for n in names]
     steps_per_epoch = windows.shape[0] // args.batch_size
     total = steps_per_epoch * args.epochs
-    epoch_s, losses, stale = [], [], []
     step = 0
-    model.train()
     for epoch in range(args.epochs):
         order = epoch_order(args.seed, epoch, windows.shape[0])
-        spent = 0.0
+        spent = [0.0] * len(runs)
         for b in range(steps_per_epoch):
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             lr = args.lr * min(1.0, (step + 1) / args.warmup_steps) * (0.55 + 0.45 * math.cos(math.pi * step / total))
-            for g in opt.param_groups:
-                g["lr"] = lr
-            measure = mode == "lct" and cfg.staleness_every and step % cfg.staleness_every == 0
-            t0 = time.perf_counter()
-            info = step_loss(mode, model, windows[idx], idx, cache, cfg, measure_staleness=bool(measure))
-            info.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            spent += time.perf_counter() - t0 - info.measure_s
-            losses.append(float(info.loss.detach()))
-            if measure:
-                stale.append({"step": step, "staleness": info.staleness, "cached": info.staleness_cached,
-                              "relative": info.staleness_rel})
+            for i, r in enumerate(runs):
+                spent[i] += r.step(windows[idx], idx, step, lr)
             step += 1
-        epoch_s.append(spent)
-        print(f"  {name:>10s} epoch {epoch + 1}: {spent:7.2f} s, last train loss {losses[-1]:.3f}", flush=True)
-    model.eval()
-    ppl = sliding_window_perplexity(model, valid, context=args.seq_len, stride=args.seq_len,
-                                    batch_size=32, progress=False)
-    return {"name": name, "epoch_s": epoch_s, "steps": step, "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "valid_ppl": ppl.token_ppl, "valid_tokens": ppl.n_tokens, "staleness": stale}
+        for r, s in zip(runs, spent):
+            r.epoch_s.append(s)
+            print(f"  {r.name:>10s} epoch {epoch + 1}: {s:7.2f} s, last train loss {r.losses[-1]:.3f}", flush=True)
+    results = []
+    for r in runs:
+        r.model.eval()
+        ppl = sliding_window_perplexity(r.model, valid, context=args.seq_len, stride=args.seq_len,
+                                        batch_size=32, progress=False)
+        results.append({"name": r.name, "epoch_s": r.epoch_s, "steps": step,
+                        "final_train_loss": sum(r.losses[-10:]) / len(r.losses[-10:]),
+                        "valid_ppl": ppl.token_ppl, "valid_tokens": ppl.n_tokens, "staleness": r.stale})
+    return results
 
 
 def main(argv=None) -> int:
@@ -129,7 +153,7 @@ def main(argv=None) -> int:
           f"tokens, batch {args.batch_size}, {args.epochs} epochs, d={args.hidden} x {args.layers} layers, "
           f"{args.threads} thread(s), torch {torch.__version__}", flush=True)
     names = ["sequential", *[f"lct-{k}" for k in args.sweeps], *(["pythia"] if args.reference else [])]
-    results = [train_one(n, args, tok.vocab_size, windows, valid) for n in names]
+    results = train_all(names, args, tok.vocab_size, windows, valid)
     seq = results[0]
 
     def per_epoch(r, steady: bool) -> float:
