@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--proj-init-std", type=float, default=None,
+                   help="std of W_c's init (None: the preset's initializer_range / sqrt(d); 0: start without feedback)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--sweeps", type=int, nargs="+", default=[0], help="LCT refresh_sweeps values to run")
@@ -88,7 +90,9 @@ class Run:
         self.mode = "parallel" if name == "pythia" else ("sequential" if name == "sequential" else "lct")
         torch.manual_seed(args.seed)
         self.model = create_model(preset, vocab_size=vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                                  num_attention_heads=args.heads, intermediate_size=4 * args.hidden)
+                                  num_attention_heads=args.heads, intermediate_size=4 * args.hidden,
+                                  **({} if preset == "pythia" else
+                                     {"context_feedback": {"init": "learned", "proj_init_std": args.proj_init_std}}))
         self.cfg = LCTConfig(refresh_sweeps=int(name.split("-")[1]) if self.mode == "lct" else 0,
                              warmup_sweeps=args.warmup_sweeps, staleness_every=args.staleness_every)
         self.cache = make_cache(self.model, self.cfg) if self.mode == "lct" else None
