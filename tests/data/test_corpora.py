@@ -11,7 +11,7 @@ from newllm import NewLLMError
 from newllm.data import corpora
 from newllm.data.corpora import find_data_dir, load_documents, load_tokens, separator_id, split_wikitext_articles
 from newllm.data.tokenizer import load_tokenizer
-from tests.conftest import NEOX_TOKENIZER
+from tests.conftest import NEOX_TOKENIZER, ROOT
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +20,18 @@ def neox():
 
 
 # ------------------------------------------------------------------------------ data directory
-def test_find_data_dir_order(tmp_path, monkeypatch, shared_dir):
-    other = tmp_path / "other"
+def test_find_data_dir_order(tmp_path, monkeypatch):
+    other, default = tmp_path / "other", tmp_path / "default"
     other.mkdir()
+    default.mkdir()
+    monkeypatch.setattr(corpora, "default_data_dir", lambda: default)
     monkeypatch.setenv("NEWLLM_DATA_DIR", str(other))
     assert find_data_dir(tmp_path) == tmp_path  # explicit beats the environment
     assert find_data_dir() == other  # the environment beats the default
     monkeypatch.delenv("NEWLLM_DATA_DIR")
-    assert find_data_dir().resolve() == shared_dir.resolve()  # ../shared beside the checkout
+    assert find_data_dir() == default
+    monkeypatch.undo()
+    assert corpora.default_data_dir() == ROOT.parent / "shared"  # ../shared beside the checkout
 
 
 def test_find_data_dir_errors_say_where(tmp_path, monkeypatch):
