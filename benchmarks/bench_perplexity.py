@@ -97,16 +97,18 @@ def main(argv=None) -> int:
     t_ours, ours = timed(lambda: sliding_window_perplexity(model, ids, args.context, args.stride,
                                                            batch_size=args.batch_size, progress=False))
     print(f"guide loop     nll_sum {ref_nll:.6f}  tokens {ref_n}  PPL {math.exp(ref_nll / ref_n):.4f}")
-    print(f"ours (batch {args.batch_size}) nll_sum {ours.nll_sum:.6f}  tokens {ours.n_tokens}  PPL {ours.token_ppl:.4f}")
+    print(f"ours (batch {args.batch_size}) nll_sum {ours.nll_sum:.6f}  tokens {ours.n_tokens}  "
+          f"PPL {ours.token_ppl:.4f}")
     rel = abs(ours.nll_sum - ref_nll) / abs(ref_nll)
     print(f"relative NLL difference {rel:.2e}")
     if ours.n_tokens != ref_n or rel > 1e-6:
         print("MISMATCH: not timing a wrong result", file=sys.stderr)
         return 1
-    t_one, one = timed(lambda: sliding_window_perplexity(model, ids, args.context, args.stride, batch_size=1,
+    t_one, _ = timed(lambda: sliding_window_perplexity(model, ids, args.context, args.stride, batch_size=1,
                                                          progress=False))
     print(f"\n{'':20}{'wall s':>8}{'tokens/s':>10}{'speed-up':>10}{'CPU s':>9}{'speed-up':>10}")
-    for name, (wall, cpu) in (("guide loop", t_ref), (f"ours, batch {args.batch_size}", t_ours), ("ours, batch 1", t_one)):
+    runs = (("guide loop", t_ref), (f"ours, batch {args.batch_size}", t_ours), ("ours, batch 1", t_one))
+    for name, (wall, cpu) in runs:
         print(f"{name:20}{wall:8.2f}{ref_n / wall:10.0f}{t_ref[0] / wall:9.2f}x{cpu:9.2f}{t_ref[1] / cpu:9.2f}x")
     return 0
 

@@ -17,8 +17,9 @@ Named corpora and how they are cut into documents and splits:
 * ``tinyshakespeare``: one document. Split by characters, 90 / 5 / 5 % for train / valid / test,
   each cut moved forward to the next line break so that no line is split.
 * ``gutenberg``: one document per book, sorted by file name, with the Project Gutenberg header and
-  trailer removed (`strip_gutenberg`), read as UTF-8 or else ISO-8859-1 (two old files are). Every book is split by characters like tiny-shakespeare, so
-  every split holds every book (same authors and styles in train and test, long documents in all).
+  trailer removed (`strip_gutenberg`), read as UTF-8 or else ISO-8859-1 (two old files are). Every
+  book is split by characters like tiny-shakespeare, so every split holds every book (same authors
+  and styles in train and test, long documents in all).
 * any other text file or folder of ``.txt`` files: one document per file, split like gutenberg.
   ``split="all"`` returns a corpus whole (all three splits of WikiText-2).
 * ``hf:<dataset>/<config>`` (e.g. ``hf:wikitext/wikitext-2-raw-v1``): a Hugging Face dataset through
