@@ -64,6 +64,7 @@ def main(argv=None):
             fast = best_time(lambda: memory_scan(q, k, v, **kw), args.repeats)
             slow = best_time(lambda: naive_memory_scan(q, k, v, **kw), args.repeats)
         rows.append((f"memory_scan {'delta' if delta else 'linear'} H={H} D={D} S={S}", slow, fast, err))
+        print(f"  {rows[-1][0]}: {slow / fast:.1f}x", flush=True)
 
     H, D = args.attn_heads, args.attn_head_dim
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
