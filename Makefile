@@ -20,8 +20,16 @@ setup: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# Until the comparison experiment (scripts/experiment.py) lands, the main job is the quickest real
+# thing: the real pretrained SmolLM2-135M (GGUF) on WikiText-2 test, sliding-window perplexity on a
+# prefix, then a greedy completion.
+DATA_DIR ?= ../shared
+SMOLLM ?= $(DATA_DIR)/models/SmolLM2-135M-Instruct.Q4_1.gguf
 experiment: $(VENV)/.installed
-	$(PY) scripts/experiment.py --quick
+	$(VENV)/bin/newllm info $(SMOLLM)
+	$(VENV)/bin/newllm eval ppl --model $(SMOLLM) --data wikitext-2 --split test --data-dir $(DATA_DIR) \
+		--context 1024 --stride 512 --limit-tokens 8192
+	$(VENV)/bin/newllm generate $(SMOLLM) "The capital of France is" --max-new-tokens 12
 
 bench: $(VENV)/.installed
 	for f in benchmarks/bench_*.py; do $(PY) $$f || exit 1; done

@@ -12,7 +12,10 @@ SHARED = Path(os.environ.get("NEWLLM_DATA_DIR", ROOT.parent / "shared"))
 SMOLLM_GGUF = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 NEOX_TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread unless NEWLLM_TEST_THREADS says otherwise: the tests run tiny models, whose
+# ops gain nothing from splitting, and on a shared machine two threads make every small op wait for
+# a descheduled sibling (measured here: ~8 ms per op, 30x the work itself).
+torch.set_num_threads(int(os.environ.get("NEWLLM_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,6 @@ import torch
 from newllm import NewLLMError
 from newllm.models.layers import InfiniLayer, InfiniLayerConfig, InfiniState, build_layer
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a loaded machine make every small op wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 SIZES = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64)
 CONFIGS = {
     "softmax-delta": dict(segment_length=8),

@@ -22,15 +22,6 @@ import torch
 from newllm import TransformerLM
 from newllm.models.layers import InfiniLayer, PythiaLayer
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (two threads on a loaded machine make every small op wait)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 PAIRS, KEYS, VALUES, HIDDEN, HEADS = 4, 16, 16, 32, 4
 S = 2 * PAIRS + 1
 FILLER = 1 + KEYS + VALUES  # token 0 unused; keys 1..16, values 17..32
