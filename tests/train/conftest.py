@@ -42,12 +42,3 @@ def make_cfg(tmp_path):
 
     return make
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The training tests use tiny models: one intra-op thread is as fast, and two threads spin
-    against each other on a machine shared with other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
