@@ -31,10 +31,10 @@ so peak memory stays near one model's size.
 from __future__ import annotations
 
 import json
-import pickle
 import re
 import zipfile
 from pathlib import Path
+from pickle import UnpicklingError  # only to recognise torch.load's error for a damaged .bin
 from typing import Any, Callable
 
 import torch
@@ -326,7 +326,7 @@ def _open_safetensors(path: Path):
 
 
 def _open_bin(path: Path) -> dict[str, torch.Tensor]:
-    errors = (pickle.UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError)
+    errors = (UnpicklingError, RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError)
     try:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
