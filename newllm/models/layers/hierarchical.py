@@ -43,7 +43,7 @@ from torch import nn
 from newllm.errors import NewLLMError
 from newllm.models.layers.base import register_layer, resolve_config
 from newllm.models.layers.multi_memory import MixtureLayerBase, MultiMemoryLayerConfig
-from newllm.models.ops.memory import MemoryState, init_memory, memory_scan
+from newllm.models.ops.memory import MemoryState, memory_scan
 
 
 @dataclass
