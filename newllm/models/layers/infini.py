@@ -206,7 +206,22 @@ class InfiniLayer(BaseLayer):
                                              chunk_size=min(self.config.linear_chunk_size, S))
         return out.view(B, n, h, S, Dh).transpose(2, 3).reshape(B, n * S, h, Dh)[:, p:p + T]
 
-    def attention(self, x: torch.Tensor, state: InfiniState | None):
+    def memory_step(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state):
+        """The compressive memory: every query reads M_{s-1}; completed segments are written.
+
+        q: (B, Hm, T, Dm), the last T of the L positions of k, v: (B, Hm, L, Dm), which start on a
+        segment boundary. Returns (A_mem (B, Hm, T, Dm), the state fields it changed). Subclasses
+        with another memory (multi-memory, hierarchical) override only this method.
+        """
+        c = self.config
+        mem = MemoryState(state.memory, state.norm, state.segments, state.skipped)
+        a_mem, mem = memory_scan(q, k, v, mem, segment_length=c.segment_length,
+                                 segments_per_bank=c.segments_per_bank, delta_rule=c.use_delta_rule,
+                                 scale=c.memory_scale, eps=c.memory_eps, clamp=c.memory_update_clamp,
+                                 check_finite=c.check_finite, write_partial=False)
+        return a_mem, dict(memory=mem.memory, norm=mem.norm, segments=mem.segments, skipped=mem.skipped)
+
+    def attention(self, x: torch.Tensor, state):
         c = self.config
         B, T, d = x.shape
         h, Dh, Hm, Dm = c.num_attention_heads, c.head_size, c.memory_heads, c.memory_dim
@@ -224,19 +239,16 @@ class InfiniLayer(BaseLayer):
         heads = lambda t, n, D: t.view(B, t.shape[1], n, D)  # noqa: E731  (B, *, n, D), token-major
         a_loc = self.local_attention(heads(q, h, Dh), heads(k_all, h, Dh), heads(v_all, h, Dh), p)
         g = torch.sigmoid(self.beta).to(a_loc.dtype).view(1, 1, h, 1)
-        mem = MemoryState(state.memory, state.norm, state.segments, state.skipped)
         if c.use_memory:
-            a_mem, mem = memory_scan(*(heads(t, Hm, Dm).transpose(1, 2) for t in (q, k_all, v_all)), mem,
-                                     segment_length=c.segment_length, segments_per_bank=c.segments_per_bank,
-                                     delta_rule=c.use_delta_rule, scale=c.memory_scale, eps=c.memory_eps,
-                                     clamp=c.memory_update_clamp, check_finite=c.check_finite, write_partial=False)
+            a_mem, fields = self.memory_step(x, *(heads(t, Hm, Dm).transpose(1, 2) for t in (q, k_all, v_all)),
+                                             state)
             a_mem = a_mem.transpose(1, 2).reshape(B, T, h, Dh)  # memory heads -> attention heads
             a = torch.lerp(a_loc, a_mem, g)  # the paper's gate: g * A_mem + (1 - g) * A_loc
+            state = state._replace(**fields)
         else:
             a = (1 - g) * a_loc  # memory switched off: A_mem = 0, gate unchanged
         done = L - L % c.segment_length  # tokens of completed segments; the rest stays in the state
-        new_state = InfiniState(mem.memory, mem.norm, k_all[:, done:].clone(), v_all[:, done:].clone(),
-                                mem.segments, mem.skipped)
+        new_state = state._replace(segment_k=k_all[:, done:].clone(), segment_v=v_all[:, done:].clone())
         return self.dense(a.reshape(B, T, d)), new_state
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:

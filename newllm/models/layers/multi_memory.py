@@ -116,40 +116,6 @@ class MixtureLayerBase(InfiniLayer):
                             eps=c.memory_eps, clamp=c.memory_update_clamp, check_finite=c.check_finite,
                             write_partial=False)
 
-    def memory_step(self, x, q, k, v, state):  # pragma: no cover - abstract
-        """(A_mem (B, Hm, T, Dm), new state fields except segment_k/v) for memory heads q, k, v."""
-        raise NotImplementedError
-
-    def attention(self, x: torch.Tensor, state):
-        c = self.config
-        B, T, d = x.shape
-        h, Dh, Hm, Dm = c.num_attention_heads, c.head_size, c.memory_heads, c.memory_dim
-        if state is None:
-            state = self.init_state(B, x.device, x.dtype)
-        self.check_state(state, B)
-        q, k, v = self.query_key_value(x).split(d, dim=-1)  # (B, T, d) each
-        p = state.segment_k.shape[1]
-        if p:  # the current segment's earlier keys/values come first: (B, L, d), L = p + T
-            k_all = torch.cat((state.segment_k.to(k.dtype), k), dim=1)
-            v_all = torch.cat((state.segment_v.to(v.dtype), v), dim=1)
-        else:
-            k_all, v_all = k, v
-        L = p + T
-        heads = lambda t, n, D: t.view(B, t.shape[1], n, D)  # noqa: E731  (B, *, n, D), token-major
-        a_loc = self.local_attention(heads(q, h, Dh), heads(k_all, h, Dh), heads(v_all, h, Dh), p)
-        g = torch.sigmoid(self.beta).to(a_loc.dtype).view(1, 1, h, 1)
-        done = L - L % c.segment_length  # tokens of completed segments; the rest stays in the state
-        if c.use_memory:
-            a_mem, fields = self.memory_step(x, *(heads(t, Hm, Dm).transpose(1, 2) for t in (q, k_all, v_all)),
-                                             state)
-            a_mem = a_mem.transpose(1, 2).reshape(B, T, h, Dh)  # memory heads -> attention heads
-            a = torch.lerp(a_loc, a_mem, g)
-            state = state._replace(**fields)
-        else:
-            a = (1 - g) * a_loc  # memory switched off: A_mem = 0, gate unchanged
-        new_state = state._replace(segment_k=k_all[:, done:].clone(), segment_v=v_all[:, done:].clone())
-        return self.dense(a.reshape(B, T, d)), new_state
-
 
 @register_layer("multi_memory")
 class MultiMemoryLayer(MixtureLayerBase):
