@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import time
 
+from newllm.cli.eval_passkey import register_passkey
+from newllm.cli.eval_reversal import register_reversal
+
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (ppl: sliding-window perplexity)")
+    p = sub.add_parser("eval", help="evaluate a model (ppl: sliding-window perplexity; reversal: the Reversal Curse; "
+                                    "passkey: passkey retrieval)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     for reg in TASKS:
         reg(tasks)
@@ -91,4 +95,4 @@ def scored_text(tokens, tokenizer, sep: int) -> str:
     return "\n".join(d for d in docs if d)
 
 
-TASKS = [register_ppl]
+TASKS = [register_ppl, register_reversal, register_passkey]
