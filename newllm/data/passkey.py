@@ -1,0 +1,205 @@
+"""Synthetic retrieval tasks: passkey prompts (for any LM) and associative recall (for small models).
+
+**Passkey retrieval** (Mohtashami & Jaggi 2023, "Landmark attention"; Munkhdalai et al. 2024,
+"Infini-attention"). A prompt is
+
+    INTRO  FILLER ... FILLER  NEEDLE  FILLER ... FILLER  QUESTION
+
+    INTRO    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize
+             them. I will quiz you about the important information there."
+    FILLER   " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    NEEDLE   " The pass key is N. Remember it. N is the pass key."
+    QUESTION " What is the pass key? The pass key is"
+
+and the right continuation is " N" (N: a random integer of `digits` digits, no leading zero).
+
+Exact lengths: each piece (the intro, each filler *sentence*, the needle, the question) is tokenized
+on its own and the ids are concatenated. Every piece but the intro starts with a space, so for
+byte-level BPE tokenizers (GPT-NeoX, SmolLM2) the result is the tokenization of the joined text, and
+in any case decoding gives the joined text. So the prompt length is known without re-tokenizing, and
+the needle's token position is known exactly.
+
+Length and depth: the filler is repeated in whole units (5 sentences each), as many as fit, so a prompt
+has at most `length` tokens and at least `length - unit + 1` (unit = the filler unit's token count,
+19 for GPT-NeoX). The needle goes after ``round(depth * n_sentences)`` filler sentences: depth 0 is
+right after the intro, depth 1 right before the question, always at a sentence boundary.
+
+**Associative recall** (`make_recall_batch`), for small models trained from scratch: key-value pairs
+in the first segment, the same keys queried (in a new order) at least one segment boundary later, so
+only a model that carries information across segments (a memory, or attention reaching that far)
+answers above chance 1 / n_values. See `make_recall_batch` for the layout.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from newllm.errors import NewLLMError
+
+INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. "
+         "I will quiz you about the important information there.")
+FILLER_SENTENCES = (" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
+                    " There and back again.")
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeySample:
+    """One passkey prompt.
+
+    ids: the prompt's token ids (ends with "The pass key is"); passkey: the digits to retrieve;
+    length: the requested length (``len(ids) <= length``); depth: the requested depth (0..1);
+    key_position: index in `ids` of the needle's first token (" The" of " The pass key is N.").
+    """
+    ids: list[int]
+    passkey: str
+    length: int
+    depth: float
+    key_position: int
+
+
+def _rng(rng) -> random.Random:
+    return rng if isinstance(rng, random.Random) else random.Random(rng)
+
+
+def make_passkey_sample(tokenizer, length: int, depth: float, rng: random.Random | int | str,
+                        digits: int = 5) -> PasskeySample:
+    """A prompt of at most `length` tokens (within one filler unit of it) with the needle at `depth`.
+
+    rng: a `random.Random` (consumed: one draw for the key) or a seed for one.
+    """
+    if digits < 1:
+        raise NewLLMError(f"passkey: digits must be >= 1, got {digits}")
+    if not 0.0 <= depth <= 1.0:
+        raise NewLLMError(f"passkey: depth must be in [0, 1], got {depth}")
+    key = str(_rng(rng).randint(10 ** (digits - 1), 10 ** digits - 1))
+    intro, question = tokenizer.encode(INTRO), tokenizer.encode(QUESTION)
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    sentences = [tokenizer.encode(s) for s in FILLER_SENTENCES]
+    unit = sum(len(s) for s in sentences)
+    fixed = len(intro) + len(needle) + len(question)
+    if length < fixed:
+        raise NewLLMError(f"passkey: length {length} is shorter than the prompt without filler ({fixed} tokens)")
+    n_units = (length - fixed) // unit
+    filler = [s for _ in range(n_units) for s in sentences]
+    cut = round(depth * len(filler))
+    before = [t for s in filler[:cut] for t in s]
+    after = [t for s in filler[cut:] for t in s]
+    ids = intro + before + needle + after + question
+    return PasskeySample(ids=ids, passkey=key, length=length, depth=float(depth),
+                         key_position=len(intro) + len(before))
+
+
+def make_passkey_grid(tokenizer, lengths: list[int], depths: list[float], n_per_cell: int, seed: int,
+                      digits: int = 5) -> list[PasskeySample]:
+    """`n_per_cell` samples for every (length, depth), in order length-major, then depth, then sample.
+
+    One `random.Random(seed)` draws all keys in that order, so the same seed gives identical prompts.
+    """
+    if n_per_cell < 1:
+        raise NewLLMError(f"passkey: n_per_cell must be >= 1, got {n_per_cell}")
+    if not lengths or not depths:
+        raise NewLLMError("passkey: lengths and depths must not be empty")
+    rng = random.Random(seed)
+    return [make_passkey_sample(tokenizer, L, d, rng, digits)
+            for L in lengths for d in depths for _ in range(n_per_cell)]
+
+
+def score_passkey(generated_text: str, passkey: str) -> bool:
+    """Right iff the first run of digits in the generated text is exactly the passkey.
+
+    " 71432." is right for 71432; " 7143", " 714325" and text without digits are wrong.
+    """
+    run = []
+    for ch in generated_text:
+        if ch.isdigit() and ch.isascii():
+            run.append(ch)
+        elif run:
+            break
+    return bool(run) and "".join(run) == passkey
+
+
+# ------------------------------------------------------------------------------ associative recall
+#: real words used as recall keys when a tokenizer is given (each must be one token with a leading space)
+RECALL_KEY_WORDS = ("apple", "river", "house", "green", "table", "music", "water", "stone", "cloud", "horse",
+                    "paper", "light", "bread", "chair", "glass", "money", "night", "plant", "sugar", "train",
+                    "world", "dream", "field", "heart", "metal", "ocean", "point", "sound", "storm", "voice",
+                    "woman", "youth")
+#: the filler word between the pairs and the queries
+RECALL_FILLER_WORD = " the"
+
+
+@dataclass
+class RecallVocab:
+    """Token ids of the recall task: keys, values (the answers) and one filler token."""
+    keys: list[int]
+    values: list[int]
+    filler: int
+
+
+def recall_vocab(tokenizer=None, n_keys: int = 16, n_values: int = 16) -> RecallVocab:
+    """Ids for the recall task. Without a tokenizer: keys 1..n_keys, values next, then the filler
+    (token 0 unused; vocabulary size n_keys + n_values + 2). With one: keys are single-token common
+    words (" apple", ...), values the numbers " 0" .. " n_values-1" (single tokens in GPT-NeoX-style
+    vocabularies), the filler " the", so the task runs on any model of that vocabulary."""
+    if n_keys < 1 or n_values < 2:
+        raise NewLLMError(f"recall: need n_keys >= 1 and n_values >= 2, got {n_keys}, {n_values}")
+    if tokenizer is None:
+        keys = list(range(1, n_keys + 1))
+        values = list(range(n_keys + 1, n_keys + n_values + 1))
+        return RecallVocab(keys, values, n_keys + n_values + 1)
+
+    def single(text: str) -> int | None:
+        ids = tokenizer.encode(text)
+        return ids[0] if len(ids) == 1 else None
+
+    keys = [i for i in (single(" " + w) for w in RECALL_KEY_WORDS) if i is not None][:n_keys]
+    values = [single(f" {v}") for v in range(n_values)]
+    filler = single(RECALL_FILLER_WORD)
+    if len(keys) < n_keys or None in values or filler is None:
+        raise NewLLMError(f"recall: tokenizer {getattr(tokenizer, 'name', '')!r} lacks single tokens for "
+                          f"{n_keys} key words / {n_values} numbers / {RECALL_FILLER_WORD!r}")
+    if len(set(keys) | set(values) | {filler}) != n_keys + n_values + 1:
+        raise NewLLMError("recall: key, value and filler tokens must all differ")
+    return RecallVocab(keys, values, filler)
+
+
+def make_recall_batch(n_pairs: int, segment_length: int, batch: int, generator: torch.Generator,
+                      n_segments_gap: int = 1, n_keys: int = 16, n_values: int = 16, tokenizer=None,
+                      vocab: RecallVocab | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, labels), each (batch, S * (1 + n_segments_gap)), S = segment_length >= 2 * n_pairs + 1:
+
+        segment 0:              k1 v1 ... kn vn  F ... F         n pairs, distinct keys
+        segments 1..gap-1:      F ... F                          (only when n_segments_gap > 1)
+        segment gap:            F ... F  kp1 vp1 ... kpn vpn     the same keys, new order
+
+    labels are -100 except at the query values, where they equal the value (the model's loss shifts
+    labels by one: position t's label is predicted from positions < t). Values are drawn uniformly with
+    replacement, so a model that cannot see segment 0 scores 1 / n_values (chance) at best.
+    Token ids come from `vocab`, else `recall_vocab(tokenizer, n_keys, n_values)`.
+    """
+    if vocab is None:
+        vocab = recall_vocab(tokenizer, n_keys, n_values)
+    n_k, n_v = len(vocab.keys), len(vocab.values)
+    if not 1 <= n_pairs <= n_k:
+        raise NewLLMError(f"recall: n_pairs must be in [1, {n_k}] (distinct keys), got {n_pairs}")
+    if segment_length < 2 * n_pairs + 1:
+        raise NewLLMError(f"recall: segment_length {segment_length} < 2 * n_pairs + 1 = {2 * n_pairs + 1}")
+    if n_segments_gap < 1 or batch < 1:
+        raise NewLLMError(f"recall: n_segments_gap and batch must be >= 1, got {n_segments_gap}, {batch}")
+    keys_t, vals_t = torch.tensor(vocab.keys), torch.tensor(vocab.values)
+    key_idx = torch.argsort(torch.rand(batch, n_k, generator=generator), 1)[:, :n_pairs]
+    keys = keys_t[key_idx]  # (batch, n) distinct per row
+    vals = vals_t[torch.randint(0, n_v, (batch, n_pairs), generator=generator)]
+    perm = torch.argsort(torch.rand(batch, n_pairs, generator=generator), 1)
+    S, pad = segment_length, segment_length - 2 * n_pairs
+    ids = torch.full((batch, S * (1 + n_segments_gap)), vocab.filler, dtype=torch.long)
+    ids[:, :2 * n_pairs] = torch.stack((keys, vals), 2).flatten(1)
+    q0 = S * n_segments_gap + pad  # first query key
+    ids[:, q0:] = torch.stack((keys.gather(1, perm), vals.gather(1, perm)), 2).flatten(1)
+    labels = torch.full_like(ids, -100)
+    labels[:, q0 + 1::2] = ids[:, q0 + 1::2]
+    return ids, labels
