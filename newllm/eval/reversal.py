@@ -97,6 +97,7 @@ def _device(model) -> torch.device:
         return torch.device("cpu")
 
 
+@torch.no_grad()
 def score_tokens(model, seqs: list[list[int]], starts: list[int], batch_size: int = 16,
                  progress: bool = False, desc: str = "scoring") -> list[tuple[float, int]]:
     """(log-prob sum, token count) of ``seq[start:]`` given ``seq[:start]``, for each sequence.
@@ -122,6 +123,7 @@ def score_tokens(model, seqs: list[list[int]], starts: list[int], batch_size: in
     return out
 
 
+@torch.no_grad()
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
                          progress: bool = False, desc: str = "generating") -> list[list[int]]:
     """The `max_new_tokens` greedy tokens after each prompt; equal-length prompts share a batch."""
