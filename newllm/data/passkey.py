@@ -32,6 +32,7 @@ answers above chance 1 / n_values. See `make_recall_batch` for the layout.
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 
 import torch
@@ -144,7 +145,8 @@ def recall_vocab(tokenizer=None, n_keys: int = 16, n_values: int = 16) -> Recall
     """Ids for the recall task. Without a tokenizer: keys 1..n_keys, values next, then the filler
     (token 0 unused; vocabulary size n_keys + n_values + 2). With one: keys are single-token common
     words (" apple", ...), values the numbers " 0" .. " n_values-1" (single tokens in GPT-NeoX-style
-    vocabularies), the filler " the", so the task runs on any model of that vocabulary."""
+    vocabularies), the filler " the", so the task runs on any model of that vocabulary; a vocabulary
+    without those single tokens (a small BPE) gets single characters instead (keys a-z, values A-Z)."""
     if n_keys < 1 or n_values < 2:
         raise NewLLMError(f"recall: need n_keys >= 1 and n_values >= 2, got {n_keys}, {n_values}")
     if tokenizer is None:
@@ -159,6 +161,14 @@ def recall_vocab(tokenizer=None, n_keys: int = 16, n_values: int = 16) -> Recall
     keys = [i for i in (single(" " + w) for w in RECALL_KEY_WORDS) if i is not None][:n_keys]
     values = [single(f" {v}") for v in range(n_values)]
     filler = single(RECALL_FILLER_WORD)
+    if len(keys) < n_keys or None in values or filler is None:
+        # a small vocabulary (a BPE of a few hundred tokens) lacks whole words: fall back to single
+        # characters, which every byte-level vocabulary holds (keys a-z, values A-Z, filler ".")
+        keys = [i for i in (single(c) for c in string.ascii_lowercase) if i is not None][:n_keys]
+        values = [single(c) for c in string.ascii_uppercase[:n_values]]
+        filler = single(".")
+        if n_values > 26:
+            values.append(None)
     if len(keys) < n_keys or None in values or filler is None:
         raise NewLLMError(f"recall: tokenizer {getattr(tokenizer, 'name', '')!r} lacks single tokens for "
                           f"{n_keys} key words / {n_values} numbers / {RECALL_FILLER_WORD!r}")

@@ -151,7 +151,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        return _build(cls, d, where, "")
+        return build_dataclass(cls, d, where)
 
 
 def _check_pos(owner, **values):
@@ -166,7 +166,10 @@ def _check_nonneg(owner, **values):
             raise NewLLMError(f"{owner}: {k} must be >= 0, got {v}")
 
 
-def _build(cls, d, where: str, prefix: str):
+def build_dataclass(cls, d, where: str, prefix: str = "", nested: dict | None = None):
+    """`cls(**d)` for a (nested) config dataclass: unknown keys are errors naming the dotted key and `where`;
+    `nested` maps (owner class, key) to the dataclass of that section (default: TrainConfig's sections)."""
+    nested = _NESTED if nested is None else nested
     if not isinstance(d, dict):
         raise NewLLMError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -175,8 +178,8 @@ def _build(cls, d, where: str, prefix: str):
         raise NewLLMError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(fields)}")
     kwargs = {}
     for key, value in d.items():
-        sub = _NESTED.get((cls, key))
-        kwargs[key] = _build(sub, value, where, f"{prefix}{key}.") if sub is not None else value
+        sub = nested.get((cls, key))
+        kwargs[key] = build_dataclass(sub, value, where, f"{prefix}{key}.", nested) if sub is not None else value
     try:
         return cls(**kwargs)
     except NewLLMError as e:

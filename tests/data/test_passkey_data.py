@@ -113,6 +113,15 @@ def test_recall_vocab_from_a_real_tokenizer(tok):
     assert set(ids.flatten().tolist()) <= set(v.keys) | set(v.values) | {v.filler}
 
 
+def test_recall_vocab_falls_back_to_characters_for_a_small_bpe(shared_dir):
+    from newllm.data.bpe import train_bpe
+
+    small = train_bpe([(shared_dir / "data" / "tinyshakespeare" / "input.txt").read_text()[:20000]], 300)
+    v = recall_vocab(small, n_keys=16, n_values=16)
+    assert [small.decode([i]) for i in v.keys] == list("abcdefghijklmnop")
+    assert [small.decode([i]) for i in v.values] == list("ABCDEFGHIJKLMNOP") and small.decode([v.filler]) == "."
+
+
 def test_bad_recall_input():
     g = torch.Generator().manual_seed(0)
     with pytest.raises(NewLLMError, match="segment_length 6 < 2 \\* n_pairs \\+ 1 = 7"):

@@ -1,0 +1,244 @@
+"""`ExperimentConfig`: every number of the comparison experiment, loaded from a YAML recipe.
+
+Recipes live in `configs/` (`experiment.yaml`: the seed's Pythia-70m sizes, for a GPU;
+`experiment_quick.yaml`: the README's ~10-minute CPU run; `experiment_cpu_1h.yaml`: about an hour
+on 2 CPU cores). Sections::
+
+    models: [pythia, infini, multi_memory, hierarchical]
+    model_overrides: {hidden_size: 512, ...}    # every model (Hugging Face field names, as create_model)
+    memory_overrides: {segment_length: 128}     # only the models that have a compressive-memory layer
+    data:  {corpus: wikitext-2, tokenizer: ...}  # newllm.train.config.DataConfig: one tokenizer for all models
+    samples: null                               # training windows of seq_len tokens (null = the whole split)
+    epochs: 1                                   # passes over those windows: same token budget for every model
+    train: {seq_len: 512, batch_size: 8, lr: 6e-4, ...}   # newllm.train.config.TrainConfig fields
+    eval: {...}  reversal: {...}  passkey: {...}  recall: {...}
+
+`apply_overrides` (dotted `--set` keys) and unknown-key errors work as for `newllm train` recipes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from newllm.errors import NewLLMError
+from newllm.train.config import DataConfig, TrainConfig, apply_overrides, build_dataclass, load_yaml
+
+PROFILES = ("full", "quick", "cpu", "test")
+
+
+@dataclass
+class ExperimentEvalConfig:
+    context: int = 512  # sliding-window perplexity: tokens per window (default: the training seq_len)
+    stride: int = 256  # new, scored tokens per window
+    batch_size: int = 8
+    max_tokens: int | None = None  # score only this prefix of each split (None: the whole split)
+    splits: list[str] = field(default_factory=lambda: ["valid", "test"])
+    # loss by token position: the first position_context tokens of up to position_docs documents of
+    # position_split that are at least that long, each read in one call from an empty state
+    position_context: int | None = None  # None: = context
+    position_docs: int = 64
+    position_split: str = "test"
+    position_bins: int = 16  # the position axis is reported in this many equal bins
+    speed_repeats: int = 3  # inference tokens/s: the median of this many timed forward passes
+
+    def __post_init__(self):
+        for k in ("context", "stride", "batch_size", "position_docs", "position_bins", "speed_repeats"):
+            if not getattr(self, k) > 0:
+                raise NewLLMError(f"eval.{k} must be > 0, got {getattr(self, k)}")
+        if self.stride > self.context:
+            raise NewLLMError(f"eval.stride ({self.stride}) must be <= eval.context ({self.context})")
+
+
+@dataclass
+class ReversalConfig:
+    enabled: bool = True
+    n_facts: int = 100  # fictitious "name is description" facts (newllm.data.reversal)
+    repeats: int = 2  # copies of every training paraphrase mixed into the training text
+    seed: int = 0
+    max_new_tokens: int = 16  # greedy completion length for the accuracy metric
+    batch_size: int = 16
+
+
+@dataclass
+class PasskeyConfig:
+    enabled: bool = True
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096])  # prompt tokens
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # where the key sits
+    n_per_cell: int = 5
+    digits: int = 5
+    seed: int = 0
+    # optional short fine-tune on passkey prompts before the grid (on a copy: the PPLs are of the LM)
+    finetune_steps: int = 0
+    finetune_lengths: list[int] | None = None  # None: the grid's lengths
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 4
+
+
+@dataclass
+class RecallConfig:
+    """Associative recall for small from-scratch models: pairs in an earlier segment than the question.
+    Each model (a copy) is trained `steps` steps on the task, then scored on held-out batches."""
+    enabled: bool = True
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 32
+    n_pairs: int = 8  # key-value pairs in the first segment, queried in a later one
+    n_keys: int = 16  # distinct keys (one-token words of the tokenizer)
+    n_values: int = 16  # distinct values: chance accuracy is 1 / n_values
+    eval_batches: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ExperimentConfig:
+    models: list[str] = field(default_factory=lambda: ["pythia", "infini", "multi_memory", "hierarchical"])
+    profile: str = "full"  # a label the report prints: full, quick (reduced size), cpu, test
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    memory_overrides: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=lambda: DataConfig(bpe_vocab_size=8192))
+    samples: int | None = None  # training windows of train.seq_len tokens; None: the whole training split
+    epochs: float = 1.0
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (not model, data, run_dir, budget)
+    eval: ExperimentEvalConfig = field(default_factory=ExperimentEvalConfig)
+    reversal: ReversalConfig = field(default_factory=ReversalConfig)
+    passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
+    recall: RecallConfig = field(default_factory=RecallConfig)
+    run_dir: str = "runs/experiment"
+    seed: int = 0
+    device: str = "auto"
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        from newllm.models.presets import PRESETS
+
+        if not self.models:
+            raise NewLLMError("experiment: models is empty; name at least one preset")
+        unknown = [m for m in self.models if m not in PRESETS]
+        if unknown:
+            raise NewLLMError(f"experiment: unknown model(s) {unknown}; presets: {sorted(PRESETS)}")
+        if len(set(self.models)) != len(self.models):
+            raise NewLLMError(f"experiment: a model is listed twice in {self.models}")
+        if self.profile not in PROFILES:
+            raise NewLLMError(f"experiment: profile must be one of {PROFILES}, got {self.profile!r}")
+        if self.samples is not None and self.samples < 1:
+            raise NewLLMError(f"experiment: samples must be >= 1, got {self.samples}")
+        if not self.epochs > 0:
+            raise NewLLMError(f"experiment: epochs must be > 0, got {self.epochs}")
+        owned = {"model", "data", "run_dir", "max_steps", "max_tokens", "max_minutes", "seed", "device",
+                 "num_threads", "progress", "eval"}
+        clash = sorted(set(self.train) & owned)
+        if clash:
+            raise NewLLMError(f"experiment: train.{clash[0]} is set by the experiment itself (the budget comes from "
+                              f"samples x epochs); remove it")
+        self.train_config("pythia", 1)  # validates the train section now, not after the first model
+
+    def train_config(self, model: str, n_windows: int, run_dir: str | None = None) -> TrainConfig:
+        """The TrainConfig of one model: the shared `train` fields, a step budget of epochs x windows."""
+        batch = int(self.train.get("batch_size", TrainConfig.batch_size)) * int(self.train.get("grad_accum", 1))
+        steps = max(1, math.ceil(self.epochs * n_windows / batch))
+        d = {**self.train, "model": {"preset": model, "overrides": self.overrides_for(model)},
+             "data": dataclasses.asdict(self.data), "run_dir": run_dir or self.run_dir, "max_steps": steps,
+             "seed": self.seed, "device": self.device, "num_threads": self.num_threads, "progress": self.progress,
+             "eval": {"every": 0, "context": self.eval.context, "stride": self.eval.stride,
+                      "batch_size": self.eval.batch_size, "final_splits": []}}
+        return TrainConfig.from_dict(d, where="experiment train section")
+
+    def overrides_for(self, model: str) -> dict[str, Any]:
+        """model_overrides, plus memory_overrides when the preset has a compressive-memory layer."""
+        out = dict(self.model_overrides)
+        if has_memory_layer(model):
+            out.update(self.memory_overrides)
+        return out
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.get("seq_len", TrainConfig.seq_len))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "experiment config") -> "ExperimentConfig":
+        return build_dataclass(cls, d, where, nested=_NESTED)
+
+
+def has_memory_layer(preset: str) -> bool:
+    from newllm.models.layers import LAYER_REGISTRY
+    from newllm.models.presets import PRESETS
+
+    p = PRESETS[preset]
+    return any(getattr(LAYER_REGISTRY[t], "has_compressive_memory", False) for t in [*p["first"], p["rest"]])
+
+
+_NESTED = {(ExperimentConfig, "data"): DataConfig, (ExperimentConfig, "eval"): ExperimentEvalConfig,
+           (ExperimentConfig, "reversal"): ReversalConfig, (ExperimentConfig, "passkey"): PasskeyConfig,
+           (ExperimentConfig, "recall"): RecallConfig}
+
+
+def load_experiment_config(path=None, overrides: list[str] = ()) -> ExperimentConfig:
+    d = load_yaml(path) if path is not None else {}
+    d = apply_overrides(d, list(overrides))
+    return ExperimentConfig.from_dict(d, where=str(path) if path is not None else "--set")
+
+
+#: named profiles: partial recipes applied under the file recipe and --set (`--quick` = "quick").
+#: "full": the seed's Pythia-70m sizes (the preset's own, no model overrides), meant for a GPU.
+PROFILE_RECIPES: dict[str, dict[str, Any]] = {
+    "full": {
+        "data": {"tokenizer": "gpt-neox-20b"},  # Pythia's own tokenizer (../shared/tokenizers/gpt-neox-20b)
+        "memory_overrides": {"segment_length": 256},
+        "epochs": 4,
+        "train": {"seq_len": 1024, "batch_size": 16, "lr": 6.0e-4, "min_lr": 6.0e-5, "warmup_steps": 200,
+                  "checkpoint_every": 500},
+        "eval": {"context": 1024, "stride": 512, "batch_size": 8, "position_context": 4096, "position_docs": 64},
+        "passkey": {"lengths": [1024, 2048, 4096, 8192], "finetune_steps": 200, "finetune_lengths": [1024]},
+        "recall": {"steps": 500},
+    },
+    # ~10 minutes on 2 CPU cores: a 2-layer d=128 model (the memory presets: one memory layer + one
+    # Pythia layer), a 4096-token BPE, ~0.5M training tokens, short evaluations. Real text throughout.
+    "quick": {
+        "profile": "quick",
+        "model_overrides": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,
+                            "num_hidden_layers": 2},
+        "memory_overrides": {"segment_length": 64},
+        "data": {"bpe_vocab_size": 4096},
+        "samples": 2048, "epochs": 1,
+        "train": {"seq_len": 256, "batch_size": 16, "lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_steps": 20,
+                  "checkpoint_every": 50, "log_every": 5},
+        "eval": {"context": 256, "stride": 128, "batch_size": 16, "max_tokens": 16384, "position_context": 512,
+                 "position_docs": 16, "position_bins": 16},
+        "reversal": {"n_facts": 30, "repeats": 3},
+        "passkey": {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "n_per_cell": 2, "finetune_steps": 20,
+                    "finetune_lengths": [256], "finetune_lr": 1.0e-3},
+        "recall": {"steps": 60, "batch_size": 16, "n_pairs": 8},
+        "run_dir": "runs/experiment_quick",
+    },
+}
+
+
+def profile_config(profile: str, path=None, overrides: list[str] = ()) -> ExperimentConfig:
+    """A profile's recipe, then the YAML file at `path` (if any) over it, then `overrides` (dotted --set)."""
+    import copy
+
+    if profile not in PROFILE_RECIPES:
+        raise NewLLMError(f"unknown experiment profile {profile!r}; known: {sorted(PROFILE_RECIPES)}")
+    d = copy.deepcopy(PROFILE_RECIPES[profile])
+    if path is not None:
+        _merge(d, load_yaml(path))
+    d = apply_overrides(d, list(overrides))
+    return ExperimentConfig.from_dict(d, where=str(path) if path is not None else f"profile {profile}")
+
+
+def _merge(base: dict, top: dict) -> None:
+    data = top.get("data")
+    if isinstance(data, dict) and isinstance(base.get("data"), dict) and ({"tokenizer", "bpe_vocab_size"} & set(data)):
+        base["data"].pop("tokenizer", None)  # a recipe that names its tokenizer replaces the profile's choice
+        base["data"].pop("bpe_vocab_size", None)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict) and k not in ("model_overrides", "memory_overrides"):
+            _merge(base[k], v)
+        else:
+            base[k] = v

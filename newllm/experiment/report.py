@@ -1,0 +1,275 @@
+"""results.json, report.md (tables with one row per model) and the PNG plots of an experiment.
+
+Plots: `loss_curves.png` (training loss against tokens), `loss_by_position.png` (mean loss at each
+token position of long documents), `passkey_heatmap.png` (accuracy by prompt length x key depth,
+one panel per model), `gates.png` (the memory gates of every memory layer). A figure is skipped
+when no model has the data it needs (e.g. passkey disabled).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+QUICK_NOTE = ("**Reduced size (`--quick`)**: a small model, a small BPE and a short token budget so that the whole "
+              "run fits about 10 minutes on 2 CPU cores. The text is real (the configured corpus), but these numbers "
+              "show that the pipeline works and how the models rank at this size, not what the architectures do "
+              "at the seed's Pythia-70m size (run without --quick on a GPU for that).")
+
+
+def _fmt(v, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1e4:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def _get(d: dict, *keys, default=None):
+    for k in keys:
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
+    cfg, data, machine, models = summary["config"], summary["data"], summary["machine"], summary["models"]
+    out = [f"# Experiment: {', '.join(cfg['models'])}", ""]
+    if summary["profile"] == "quick":
+        out += [QUICK_NOTE, ""]
+    dev = machine.get("gpu") or machine.get("cpu")
+    out += [f"- Machine: {machine['device']} ({dev}), {machine['torch_threads']} torch threads, torch {machine['torch']}",
+            f"- Data: {data['corpus']}, {data['train_tokens']:,} training tokens ({data['fact_tokens']:,} of them "
+            f"{data['fact_documents']:,} Reversal-Curse fact sentences mixed in as documents), "
+            f"{data['windows']:,} windows of {data['seq_len']} tokens x {data['epochs']} epoch(s); tokenizer vocabulary "
+            f"{data['tokenizer_vocab']:,}; same seed ({cfg['seed']}) and batch order for every model",
+            f"- Model overrides: `{cfg['model_overrides']}`; memory layers also: `{cfg['memory_overrides']}`",
+            f"- Training: `{cfg['train']}`",
+            f"- Perplexity: sliding window, context {cfg['eval']['context']}, stride {cfg['eval']['stride']}"
+            + (f", first {cfg['eval']['max_tokens']:,} tokens of each split" if cfg['eval']['max_tokens'] else
+               ", whole splits"), ""]
+    if len(models) < len(cfg["models"]):
+        out += [f"*Partial: {len(models)} of {len(cfg['models'])} models finished.*", ""]
+
+    out += ["## Language modelling", ""]
+    rows = []
+    for name, r in models.items():
+        ppl = r.get("ppl", {})
+        row = [f"`{name}`", _fmt(r.get("parameters")), _fmt(r.get("train_tokens")), _fmt(r.get("final_train_loss"), 3)]
+        for split in cfg["eval"]["splits"]:
+            row += [_fmt(_get(ppl, split, "token_ppl")), _fmt(_get(ppl, split, "word_ppl")),
+                    _fmt(_get(ppl, split, "bits_per_byte"), 3)]
+        row += [_fmt(r.get("train_tokens_per_s"), 0), _fmt(_get(r, "probes", "speed", "tokens_per_s"), 0),
+                _bytes(_get(r, "probes", "position", "state_bytes", "total"))]
+        rows.append(row)
+    header = ["model", "params", "train tokens", "final train loss"]
+    for split in cfg["eval"]["splits"]:
+        header += [f"{split} PPL", f"{split} word PPL", f"{split} bpb"]
+    state_after = next((_get(r, "probes", "position", "state_bytes", "after_tokens") for r in models.values()), None)
+    header += ["train tok/s", "infer tok/s", f"state after {_fmt(state_after)} tokens"]
+    out += [_table(header, rows), ""]
+
+    out += ["## Reversal Curse", "",
+            "Seed metric: token PPL of the trained sentences (forward) and of the reversed sentences (backward, never "
+            "trained); gap = backward - forward (closer to 0 is better). Paper metrics (Berglund et al. 2023) on "
+            "held-out paraphrases: greedy-completion accuracy and mean log-probability of the target, name-first "
+            "(forward) vs description-first (reverse).", ""]
+    rows = []
+    for name, r in models.items():
+        rv = r.get("reversal")
+        if not rv:
+            continue
+        rows.append([f"`{name}`", _fmt(rv.get("forward_ppl")), _fmt(rv.get("backward_ppl")), _fmt(rv.get("gap")),
+                     _fmt(rv.get("forward_heldout_ppl")), _fmt(rv.get("forward_accuracy"), 3),
+                     _fmt(rv.get("reverse_accuracy"), 3), _fmt(rv.get("forward_logprob"), 3),
+                     _fmt(rv.get("reverse_logprob"), 3)])
+    if rows:
+        out += [_table(["model", "forward PPL", "backward PPL", "gap", "held-out forward PPL", "forward acc",
+                        "reverse acc", "forward log-prob", "reverse log-prob"], rows), ""]
+
+    out += ["## Memory: passkey, associative recall, loss by position, gates", ""]
+    rows = []
+    for name, r in models.items():
+        pos = _get(r, "probes", "position") or {}
+        bins = pos.get("bin_loss") or []
+        gates = []
+        for layer, g in (pos.get("gates") or {}).items():
+            hg = g.get("head_gate") or []
+            s = f"{layer} beta {min(hg):.2f}-{max(hg):.2f}" if hg else layer
+            tg = g.get("token_gate")
+            if tg:
+                s += f", e {tg['mean']:.2f}+-{tg['std']:.2f}"
+            gates.append(s)
+        rows.append([f"`{name}`", _fmt(_get(r, "passkey", "overall"), 3), _fmt(_get(r, "recall", "accuracy"), 3),
+                     _fmt(bins[0] if bins else None, 3), _fmt(bins[-1] if bins else None, 3),
+                     "; ".join(gates) or "-"])
+    n_bins = cfg["eval"]["position_bins"]
+    out += [_table(["model", "passkey acc", "recall acc", "loss, first position bin",
+                    f"loss, last bin (of {n_bins})", "memory gates (sigmoid beta per head; per-token e)"], rows), ""]
+    pk = cfg.get("passkey", {})
+    if pk.get("enabled"):
+        out += [f"Passkey: lengths {pk['lengths']}, depths {pk['depths']}, {pk['n_per_cell']} prompts per cell, "
+                f"fine-tune steps {pk['finetune_steps']}. Recall: {cfg['recall']['n_pairs']} pairs in an earlier "
+                f"segment than the queries, {cfg['recall']['steps']} training steps on the task; chance is "
+                f"{_fmt(next((_get(r, 'recall', 'chance') for r in models.values()), None), 3)}.", ""]
+    titles = {"loss_curves.png": "Training loss", "loss_by_position.png": "Loss by token position",
+              "passkey_heatmap.png": "Passkey accuracy", "gates.png": "Memory gates"}
+    for png in figures:
+        out += [f"![{titles.get(png, png)}]({png})", ""]
+    out += ["Everything above is measured in this run; `results.json` holds every number (per-position losses, "
+            "per-example reversal results, per-prompt passkey answers).", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=100)
+    _plt().close(fig)
+    os.replace(tmp, path)
+
+
+def plot_loss_curves(root: Path, names: list[str], path: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name in names:
+        f = root / "models" / name / "metrics.jsonl"
+        if not f.exists():
+            continue
+        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        pts = [(r["tokens"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2, label=name)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("training loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def plot_loss_by_position(models: dict[str, Any], path: Path, seq_len: int) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for name, r in models.items():
+        pos = _get(r, "probes", "position")
+        if not pos or not pos.get("bin_loss"):
+            continue
+        edges = pos["bin_edges"]
+        centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        ax.plot(centers, pos["bin_loss"], "o-", ms=3, label=name)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.axvline(seq_len, color="gray", ls=":", lw=1, label=f"training length {seq_len}")
+    ax.set_xlabel("token position in the document")
+    ax.set_ylabel("mean loss (nats / token), binned")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    return True
+
+
+def plot_passkey(models: dict[str, Any], path: Path) -> bool:
+    have = {n: r["passkey"] for n, r in models.items() if r.get("passkey")}
+    if not have:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.4), squeeze=False)
+    for ax, (name, p) in zip(axes[0], have.items()):
+        acc = p["accuracy"]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(p["depths"])), [f"{d:g}" for d in p["depths"]])
+        ax.set_yticks(range(len(p["lengths"])), [str(n) for n in p["lengths"]])
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        ax.set_xlabel("key depth")
+        ax.set_ylabel("prompt tokens")
+        ax.set_title(f"{name}: {p.get('overall', 0):.2f}")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def plot_gates(models: dict[str, Any], path: Path) -> bool:
+    panels = [(n, layer, g) for n, r in models.items()
+              for layer, g in (_get(r, "probes", "position", "gates") or {}).items()]
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (name, layer, g) in zip(axes[0], panels):
+        tg = g.get("token_gate")
+        if tg:
+            n = len(tg["hist"])
+            ax.bar([(i + 0.5) / n for i in range(n)], [c / max(tg["n"], 1) for c in tg["hist"]], width=1 / n,
+                   alpha=0.6, label="per-token e")
+        for k, v in enumerate(g.get("head_gate", [])):
+            ax.axvline(v, color="C3", lw=1, label="sigmoid(beta), per head" if k == 0 else None)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("gate value")
+        ax.set_title(f"{name} {layer} ({g['type']})", fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def write_report(summary: dict[str, Any], root) -> None:
+    root = Path(root)
+    tmp = root / ".results.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, root / "results.json")
+    models = summary["models"]
+    drawn = {"loss_curves.png": plot_loss_curves(root, list(models), root / "loss_curves.png"),
+             "loss_by_position.png": plot_loss_by_position(models, root / "loss_by_position.png",
+                                                           summary["data"]["seq_len"]),
+             "passkey_heatmap.png": plot_passkey(models, root / "passkey_heatmap.png"),
+             "gates.png": plot_gates(models, root / "gates.png")}
+    tmp = root / ".report.md.tmp"
+    tmp.write_text(report_markdown(summary, [k for k, ok in drawn.items() if ok]))
+    os.replace(tmp, root / "report.md")
