@@ -198,14 +198,14 @@ PROFILE_RECIPES: dict[str, dict[str, Any]] = {
         "recall": {"steps": 500},
     },
     # ~10 minutes on 2 CPU cores: a 2-layer d=128 model (the memory presets: one memory layer + one
-    # Pythia layer), a 4096-token BPE, ~0.5M training tokens, short evaluations. Real text throughout.
+    # Pythia layer), a 4096-token BPE, ~0.8M training tokens, short evaluations. Real text throughout.
     "quick": {
         "profile": "quick",
         "model_overrides": {"hidden_size": 128, "num_attention_heads": 4, "intermediate_size": 512,
                             "num_hidden_layers": 2},
         "memory_overrides": {"segment_length": 64},
         "data": {"bpe_vocab_size": 4096},
-        "samples": 2048, "epochs": 1,
+        "samples": 3072, "epochs": 1,
         "train": {"seq_len": 256, "batch_size": 16, "lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_steps": 20,
                   "checkpoint_every": 50, "log_every": 5},
         "eval": {"context": 256, "stride": 128, "batch_size": 16, "max_tokens": 16384, "position_context": 512,
