@@ -101,6 +101,11 @@ class ExperimentConfig:
     samples: int | None = None  # training windows of train.seq_len tokens; None: the whole training split
     epochs: float = 1.0
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields (not model, data, run_dir, budget)
+    # peak learning rate of the memory gates (the layers' "gates" parameter group: Infini's beta, the
+    # routing and expansion gates) in the models that have them; None: the base lr. A gate is a few
+    # scalars, and AdamW moves a parameter by about lr per step, so a short run with the base lr
+    # leaves the gates near their initial value whatever the gradient says.
+    gate_lr: float | None = None
     eval: ExperimentEvalConfig = field(default_factory=ExperimentEvalConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
@@ -127,6 +132,8 @@ class ExperimentConfig:
             raise NewLLMError(f"experiment: samples must be >= 1, got {self.samples}")
         if not self.epochs > 0:
             raise NewLLMError(f"experiment: epochs must be > 0, got {self.epochs}")
+        if self.gate_lr is not None and not self.gate_lr > 0:
+            raise NewLLMError(f"experiment: gate_lr must be > 0, got {self.gate_lr}")
         owned = {"model", "data", "run_dir", "max_steps", "max_tokens", "max_minutes", "seed", "device",
                  "num_threads", "progress", "eval"}
         clash = sorted(set(self.train) & owned)
@@ -139,7 +146,12 @@ class ExperimentConfig:
         """The TrainConfig of one model: the shared `train` fields, a step budget of epochs x windows."""
         batch = int(self.train.get("batch_size", TrainConfig.batch_size)) * int(self.train.get("grad_accum", 1))
         steps = max(1, math.ceil(self.epochs * n_windows / batch))
-        d = {**self.train, "model": {"preset": model, "overrides": self.overrides_for(model)},
+        train = dict(self.train)
+        if self.gate_lr is not None and has_memory_layer(model):
+            groups = dict(train.get("param_groups") or {})
+            groups["gates"] = {**groups.get("gates", {}), "lr": self.gate_lr}
+            train["param_groups"] = groups
+        d = {**train, "model": {"preset": model, "overrides": self.overrides_for(model)},
              "data": dataclasses.asdict(self.data), "run_dir": run_dir or self.run_dir, "max_steps": steps,
              "seed": self.seed, "device": self.device, "num_threads": self.num_threads, "progress": self.progress,
              "eval": {"every": 0, "context": self.eval.context, "stride": self.eval.stride,
@@ -190,7 +202,7 @@ PROFILE_RECIPES: dict[str, dict[str, Any]] = {
     "full": {
         "data": {"tokenizer": "gpt-neox-20b"},  # Pythia's own tokenizer (../shared/tokenizers/gpt-neox-20b)
         "memory_overrides": {"segment_length": 256},
-        "epochs": 4,
+        "epochs": 4, "gate_lr": 6.0e-3,
         "train": {"seq_len": 1024, "batch_size": 16, "lr": 6.0e-4, "min_lr": 6.0e-5, "warmup_steps": 200,
                   "checkpoint_every": 500},
         "eval": {"context": 1024, "stride": 512, "batch_size": 8, "position_context": 4096, "position_docs": 64},
@@ -205,7 +217,7 @@ PROFILE_RECIPES: dict[str, dict[str, Any]] = {
                             "num_hidden_layers": 2},
         "memory_overrides": {"segment_length": 64},
         "data": {"bpe_vocab_size": 4096},
-        "samples": 3072, "epochs": 1,
+        "samples": 3072, "epochs": 1, "gate_lr": 2.0e-2,
         "train": {"seq_len": 256, "batch_size": 16, "lr": 2.0e-3, "min_lr": 2.0e-4, "warmup_steps": 20,
                   "checkpoint_every": 50, "log_every": 5},
         "eval": {"context": 256, "stride": 128, "batch_size": 16, "max_tokens": 16384, "position_context": 512,

@@ -72,7 +72,7 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
             f"{data['windows']:,} windows of {data['seq_len']} tokens x {data['epochs']} epoch(s); tokenizer vocabulary "
             f"{data['tokenizer_vocab']:,}; same seed ({cfg['seed']}) and batch order for every model",
             f"- Model overrides: `{cfg['model_overrides']}`; memory layers also: `{cfg['memory_overrides']}`",
-            f"- Training: `{cfg['train']}`",
+            f"- Training: `{cfg['train']}`" + (f"; memory gates' peak lr {cfg['gate_lr']}" if cfg.get("gate_lr") else ""),
             f"- Perplexity: sliding window, context {cfg['eval']['context']}, stride {cfg['eval']['stride']}"
             + (f", first {cfg['eval']['max_tokens']:,} tokens of each split" if cfg['eval']['max_tokens'] else
                ", whole splits"), ""]

@@ -204,6 +204,9 @@ def test_profiles_merge_recipe_and_flags(tmp_path):
     # the memory overrides go only to presets with a memory layer
     assert "segment_length" in quick.overrides_for("infini") and "segment_length" not in quick.overrides_for("pythia")
     assert quick.train_config("hierarchical", 2048).max_steps == 2048 // 16
+    # gate_lr becomes the "gates" group's lr of the memory presets only (pythia requests no such group)
+    assert quick.train_config("infini", 1).param_groups == {"gates": {"lr": quick.gate_lr}}
+    assert quick.train_config("pythia", 1).param_groups == {}
 
 
 def test_cli_resume_refuses_other_settings(capsys):
