@@ -214,3 +214,13 @@ def test_cli_resume_refuses_other_settings(capsys):
 
     assert main(["experiment", "--resume", "runs/x", "--models", "pythia"]) == 2
     assert "give no other settings" in capsys.readouterr().err
+
+
+def test_tokenizer_names_resolve_under_the_data_dir(shared_dir):
+    from newllm.experiment.run import resolve_tokenizer
+
+    assert resolve_tokenizer("gpt-neox-20b", shared_dir) == str(shared_dir / "tokenizers" / "gpt-neox-20b" /
+                                                                "tokenizer.json")
+    assert resolve_tokenizer(None, shared_dir) is None
+    with pytest.raises(NewLLMError, match="tokenizer 'nope' is neither a file nor"):
+        resolve_tokenizer("nope", shared_dir)
