@@ -4,7 +4,9 @@ gates, the memory-state size and inference speed. All on real text, the model in
 Loss by position answers "does the memory help later tokens?": each long document's first P tokens
 are read in ONE call from an empty state, and the loss at position t (predicting token t+1 from
 tokens 0..t) is averaged over documents. A model whose memory carries useful context has a curve
-that keeps falling at positions its local attention no longer reaches.
+that keeps falling at positions its local attention no longer reaches; for models with a memory
+layer the same documents are read again with the memory switched off (`memory_switched_off`), and
+the difference is what the memory contributes at each position.
 
 Gates: every layer with `gate_values()` reports sigmoid(beta) per head (the weight of the memory
 read-out against local attention). A HierarchicalLayer also has a per-token expansion gate e (how
@@ -70,6 +72,24 @@ def gate_summary(model, token_gates: dict[int, list[torch.Tensor]]) -> dict[str,
     return out
 
 
+@contextlib.contextmanager
+def memory_switched_off(model):
+    """Every compressive-memory layer with `use_memory=False` (no read, no write) inside the block.
+
+    The ablation that shows what the memory contributes: the same weights, the memory read-out set
+    to zero. That is what every layer reads during its first segment anyway (an empty memory reads
+    as 0), so the ablated model stays on ground it was trained on."""
+    layers = [layer for layer in getattr(model, "layers", []) if getattr(layer, "has_compressive_memory", False)]
+    before = [layer.config.use_memory for layer in layers]
+    try:
+        for layer in layers:
+            layer.config.use_memory = False
+        yield len(layers)
+    finally:
+        for layer, b in zip(layers, before):
+            layer.config.use_memory = b
+
+
 @torch.no_grad()
 def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = False) -> dict:
     """Mean loss at each position over `docs` (equal lengths), each read in one call from an empty
@@ -82,27 +102,46 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
     model.eval()
     held = getattr(model, "_memory", None)
     model.reset_memory()
-    total = None
-    state_bytes = None
+    total, off, state_bytes = 0.0, None, None
     try:
         with record_token_gates(model) as token_gates:
             for doc in tqdm(docs, desc="loss by position", disable=not progress, leave=False):
                 ids = torch.as_tensor(doc.astype(np.int64), device=device)[None]
-                out = model(ids)
-                nll = F.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:], reduction="none").double().cpu()
-                total = nll if total is None else total + nll
+                res = model(ids)
+                total = total + _nll(res.logits, ids)
                 if state_bytes is None:
-                    state_bytes = [int(b) for b in model.memory_size_bytes(out.state)]
+                    state_bytes = [int(b) for b in model.memory_size_bytes(res.state)]
         gates = gate_summary(model, token_gates)
+        with memory_switched_off(model) as n_memory_layers:
+            if n_memory_layers:
+                off = 0.0
+                for doc in docs:
+                    ids = torch.as_tensor(doc.astype(np.int64), device=device)[None]
+                    off = off + _nll(model(ids).logits, ids)
     finally:
         model.set_memory_state(held)
-    mean = (total / len(docs)).numpy()
+    mean = total / len(docs)
     edges = np.linspace(0, len(mean), bins + 1).round().astype(int)
-    binned = [float(mean[a:b].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    return {"n_docs": len(docs), "length": int(len(docs[0])), "loss": [float(v) for v in mean],
-            "bin_edges": edges.tolist(), "bin_loss": binned, "gates": gates,
-            "state_bytes": {"per_entry": state_bytes, "total": int(sum(state_bytes)),
-                            "after_tokens": int(len(docs[0]))}}
+
+    def binned(v):
+        return [float(v[a:b].mean()) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+    out = {"n_docs": len(docs), "length": int(len(docs[0])), "loss": [float(v) for v in mean],
+           "bin_edges": edges.tolist(), "bin_loss": binned(mean), "gates": gates,
+           "state_bytes": {"per_entry": state_bytes, "total": int(sum(state_bytes)),
+                           "after_tokens": int(len(docs[0]))}}
+    if off is not None:  # the same documents with the memory switched off
+        off = off / len(docs)
+        out["loss_memory_off"] = [float(v) for v in off]
+        out["bin_loss_memory_off"] = binned(off)
+        out["segment_length"] = min(layer.config.segment_length for layer in model.layers
+                                    if getattr(layer, "has_compressive_memory", False))
+    return out
+
+
+def _nll(logits: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
+    """Per-position loss of one row: position t predicts token t + 1."""
+    return F.cross_entropy(logits[0, :-1].float(), ids[0, 1:], reduction="none").double().cpu().numpy()
 
 
 @torch.no_grad()

@@ -132,12 +132,18 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
                 s += f", e {tg['mean']:.2f}+-{tg['std']:.2f}"
             gates.append(s)
         loss, seq = pos.get("loss") or [], data["seq_len"]
+        off = pos.get("loss_memory_off")
+        gain = None
+        if off:
+            seg = pos.get("segment_length", 0)  # in the first segment the memory is empty: no difference
+            gain = _mean([a - b for a, b in zip(off[seg:], loss[seg:])])
         rows.append([f"`{name}`", _fmt(_get(r, "passkey", "overall"), 3), _fmt(_get(r, "recall", "accuracy"), 3),
                      _fmt(_mean(loss[:seq // 2]), 3), _fmt(_mean(loss[seq // 2:seq]), 3), _fmt(_mean(loss[seq:]), 3),
-                     "; ".join(gates) or "-"])
+                     _fmt(gain, 4), "; ".join(gates) or "-"])
     seq = data["seq_len"]
     out += [_table(["model", "passkey acc", "recall acc", f"loss at positions < {seq // 2}",
                     f"loss at {seq // 2}..{seq - 1}", f"loss at >= {seq} (past training length)",
+                    "memory's gain: loss with memory off - on, after the first segment",
                     "memory gates (sigmoid beta per head; per-token e)"], rows), ""]
     pk = cfg.get("passkey", {})
     if pk.get("enabled"):
@@ -206,7 +212,10 @@ def plot_loss_by_position(models: dict[str, Any], path: Path, seq_len: int) -> b
             continue
         edges = pos["bin_edges"]
         centers = [(a + b) / 2 for a, b in zip(edges[:-1], edges[1:]) if b > a]
-        ax.plot(centers, pos["bin_loss"], "o-", ms=3, label=name)
+        line, = ax.plot(centers, pos["bin_loss"], "o-", ms=3, label=name)
+        if pos.get("bin_loss_memory_off"):
+            ax.plot(centers, pos["bin_loss_memory_off"], "--", color=line.get_color(), lw=1,
+                    label=f"{name}, memory off")
         drawn = True
     if not drawn:
         plt.close(fig)
