@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from newllm.errors import NewLLMError
-from newllm.models.layers.base import BaseLayer, check_positive, register_layer, resolve_config
-from newllm.models.layers.pythia import ACTIVATIONS
+from newllm.models.layers.base import check_positive, register_layer, resolve_config
+from newllm.models.layers.pythia import ACTIVATIONS, NeoXBlock
 from newllm.models.ops.attention import causal_attention
 from newllm.models.ops.linear_attention import causal_linear_attention
 from newllm.models.ops.memory import MemoryState, init_memory, memory_scan
@@ -126,27 +126,15 @@ class InfiniState(NamedTuple):
 
 
 @register_layer("infini")
-class InfiniLayer(BaseLayer):
+class InfiniLayer(NeoXBlock):
     config_class = InfiniLayerConfig
     has_compressive_memory = True
 
     def __init__(self, *args, config: InfiniLayerConfig | None = None, **kwargs):
         config = resolve_config(InfiniLayerConfig, config, args, kwargs,
                                 ("hidden_size", "num_attention_heads", "intermediate_size"))
-        super().__init__(config)
-        d, c = config.hidden_size, config
-        self.input_layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.query_key_value = nn.Linear(d, 3 * d, bias=c.attention_bias)
-        self.dense = nn.Linear(d, d, bias=c.attention_bias)
-        self.dense_h_to_4h = nn.Linear(d, c.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(c.intermediate_size, d)
-        self.act = ACTIVATIONS[c.hidden_act]
-        self.beta = nn.Parameter(torch.full((c.num_attention_heads,), float(c.gate_init)))
-        for lin in (self.query_key_value, self.dense, self.dense_h_to_4h, self.dense_4h_to_h):
-            nn.init.normal_(lin.weight, std=c.initializer_range)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
+        super().__init__(config)  # the NeoX block: norms, projections, MLP (see NeoXBlock)
+        self.beta = nn.Parameter(torch.full((config.num_attention_heads,), float(config.gate_init)))
 
     # ------------------------------------------------------------------ state
     def init_state(self, batch_size: int, device=None, dtype=None) -> InfiniState:
@@ -250,13 +238,3 @@ class InfiniLayer(BaseLayer):
         done = L - L % c.segment_length  # tokens of completed segments; the rest stays in the state
         new_state = state._replace(segment_k=k_all[:, done:].clone(), segment_v=v_all[:, done:].clone())
         return self.dense(a.reshape(B, T, d)), new_state
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
-
-    def forward(self, x: torch.Tensor, state: InfiniState | None = None):
-        attn, new_state = self.attention(self.input_layernorm(x), state)
-        if self.config.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x)), new_state
-        h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h)), new_state

@@ -69,13 +69,15 @@ class PythiaLayerConfig:
         return int(self.head_size * self.rotary_pct)  # as transformers: truncate
 
 
-@register_layer("pythia")
-class PythiaLayer(BaseLayer):
-    config_class = PythiaLayerConfig
+class NeoXBlock(BaseLayer):
+    """The GPT-NeoX block around an attention: y = x + attention(ln1(x)) + mlp(ln2(x)) (parallel
+    residual) or h = x + attention(ln1(x)), y = h + mlp(ln2(h)). It owns the parameters under
+    GPT-NeoX's names (input_layernorm, post_attention_layernorm, query_key_value, dense,
+    dense_h_to_4h, dense_4h_to_h); a subclass supplies `attention(x, state) -> (out, new_state)`,
+    `out` already through `dense`. PythiaLayer and the memory layers (InfiniLayer and its kin) are
+    NeoX blocks, which is why a memory layer takes a PythiaLayer's place in a stack."""
 
-    def __init__(self, *args, config: PythiaLayerConfig | None = None, **kwargs):
-        config = resolve_config(PythiaLayerConfig, config, args, kwargs,
-                                ("hidden_size", "num_attention_heads", "intermediate_size"))
+    def __init__(self, config):
         super().__init__(config)
         d, c = config.hidden_size, config
         self.input_layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
@@ -85,11 +87,35 @@ class PythiaLayer(BaseLayer):
         self.dense_h_to_4h = nn.Linear(d, c.intermediate_size)
         self.dense_4h_to_h = nn.Linear(c.intermediate_size, d)
         self.act = ACTIVATIONS[c.hidden_act]
-        self.register_buffer("inv_freq", rope_inv_freq(c.rotary_ndims, c.rotary_emb_base), persistent=False)
         for lin in (self.query_key_value, self.dense, self.dense_h_to_4h, self.dense_4h_to_h):
             nn.init.normal_(lin.weight, std=c.initializer_range)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
+
+    def attention(self, x: torch.Tensor, state):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+    def forward(self, x: torch.Tensor, state=None):
+        attn, new_state = self.attention(self.input_layernorm(x), state)
+        if self.config.use_parallel_residual:
+            return x + attn + self.mlp(self.post_attention_layernorm(x)), new_state
+        h = x + attn
+        return h + self.mlp(self.post_attention_layernorm(h)), new_state
+
+
+@register_layer("pythia")
+class PythiaLayer(NeoXBlock):
+    config_class = PythiaLayerConfig
+
+    def __init__(self, *args, config: PythiaLayerConfig | None = None, **kwargs):
+        config = resolve_config(PythiaLayerConfig, config, args, kwargs,
+                                ("hidden_size", "num_attention_heads", "intermediate_size"))
+        super().__init__(config)
+        c = config
+        self.register_buffer("inv_freq", rope_inv_freq(c.rotary_ndims, c.rotary_emb_base), persistent=False)
 
     def attention(self, x: torch.Tensor, state: KVCache | None):
         B, T, d = x.shape
@@ -104,13 +130,3 @@ class PythiaLayer(BaseLayer):
         k_all, v_all, k_start, new_state = extend_kv_cache(state, k, v, self.config.sliding_window)
         out = causal_attention(q, k_all, v_all, start, k_start, Dh**-0.5, self.config.sliding_window)
         return self.dense(out.transpose(1, 2).reshape(B, T, d)), new_state
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
-
-    def forward(self, x: torch.Tensor, state: KVCache | None = None):
-        attn, new_state = self.attention(self.input_layernorm(x), state)
-        if self.config.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x)), new_state
-        h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h)), new_state
