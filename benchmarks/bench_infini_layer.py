@@ -32,23 +32,7 @@ import torch
 
 from newllm import create_model
 from newllm.models.layers import InfiniLayer, PythiaLayer
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def fwd_bwd(layer, x):
-    def step():
-        y, _ = layer(x)
-        y.square().mean().backward()
-    return step
+from _timing import best_time, fwd_bwd
 
 
 def speed(args):

@@ -14,23 +14,13 @@ fast wrong op cannot report a ratio.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from newllm.models.ops.linear_attention import causal_linear_attention
 from newllm.models.ops.memory import memory_scan
 from newllm.models.ops.naive import naive_causal_linear_attention, naive_memory_scan
-
-
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from _timing import best_time
 
 
 def main(argv=None):

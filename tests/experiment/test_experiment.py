@@ -3,10 +3,10 @@ the training stream (facts mixed in as documents) and the config's errors."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from newllm.errors import NewLLMError
 from newllm.experiment.config import ExperimentConfig, profile_config
@@ -57,7 +57,7 @@ def finished(tmp_path_factory, corpus):
 
 def test_end_to_end_writes_results_report_and_plots(finished):
     cfg, summary = finished
-    root = tmp_root = __import__("pathlib").Path(cfg.run_dir)
+    root = Path(cfg.run_dir)
     on_disk = json.loads((root / "results.json").read_text())
     assert list(on_disk["models"]) == cfg.models and on_disk["profile"] == "test"
     for name, r in on_disk["models"].items():
@@ -103,7 +103,7 @@ def test_end_to_end_writes_results_report_and_plots(finished):
 
 def test_every_model_trains_on_the_same_stream(finished):
     cfg, summary = finished
-    root = __import__("pathlib").Path(cfg.run_dir)
+    root = Path(cfg.run_dir)
     first = {}
     for name in cfg.models:
         recs = [json.loads(x) for x in (root / "models" / name / "metrics.jsonl").read_text().splitlines()]
