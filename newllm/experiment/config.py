@@ -106,6 +106,9 @@ class ExperimentConfig:
     # scalars, and AdamW moves a parameter by about lr per step, so a short run with the base lr
     # leaves the gates near their initial value whatever the gradient says.
     gate_lr: float | None = None
+    # how recurrent presets (context_pythia) train: "lct" (Lagged Cache Training, the project's method),
+    # "sequential" (the exact recurrence) or "parallel"; other presets always train in parallel
+    recurrent_mode: str = "lct"
     eval: ExperimentEvalConfig = field(default_factory=ExperimentEvalConfig)
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
@@ -132,14 +135,19 @@ class ExperimentConfig:
             raise NewLLMError(f"experiment: samples must be >= 1, got {self.samples}")
         if not self.epochs > 0:
             raise NewLLMError(f"experiment: epochs must be > 0, got {self.epochs}")
+        if self.recurrent_mode not in ("lct", "sequential", "parallel"):
+            raise NewLLMError(f"experiment: recurrent_mode must be lct, sequential or parallel, got "
+                              f"{self.recurrent_mode!r}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise NewLLMError(f"experiment: gate_lr must be > 0, got {self.gate_lr}")
         owned = {"model", "data", "run_dir", "max_steps", "max_tokens", "max_minutes", "seed", "device",
-                 "num_threads", "progress", "eval"}
+                 "num_threads", "progress", "eval", "mode"}
         clash = sorted(set(self.train) & owned)
         if clash:
-            raise NewLLMError(f"experiment: train.{clash[0]} is set by the experiment itself (the budget comes from "
-                              f"samples x epochs); remove it")
+            where = {"mode": "recurrent_mode", "max_steps": "samples x epochs", "max_tokens": "samples x epochs",
+                     "max_minutes": "samples x epochs"}.get(clash[0], "the experiment's own field")
+            raise NewLLMError(f"experiment: train.{clash[0]} is set by the experiment itself (from {where}); "
+                              f"remove it")
         self.train_config("pythia", 1)  # validates the train section now, not after the first model
 
     def train_config(self, model: str, n_windows: int, run_dir: str | None = None) -> TrainConfig:
@@ -151,6 +159,8 @@ class ExperimentConfig:
             groups = dict(train.get("param_groups") or {})
             groups["gates"] = {**groups.get("gates", {}), "lr": self.gate_lr}
             train["param_groups"] = groups
+        if is_recurrent(model):
+            train["mode"] = self.recurrent_mode
         d = {**train, "model": {"preset": model, "overrides": self.overrides_for(model)},
              "data": dataclasses.asdict(self.data), "run_dir": run_dir or self.run_dir, "max_steps": steps,
              "seed": self.seed, "device": self.device, "num_threads": self.num_threads, "progress": self.progress,
@@ -183,6 +193,13 @@ def has_memory_layer(preset: str) -> bool:
 
     p = PRESETS[preset]
     return any(getattr(LAYER_REGISTRY[t], "has_compressive_memory", False) for t in [*p["first"], p["rest"]])
+
+
+def is_recurrent(preset: str) -> bool:
+    """A preset with context feedback (context_pythia): trained with `recurrent_mode`."""
+    from newllm.models.presets import PRESETS
+
+    return bool(PRESETS[preset].get("context_feedback"))
 
 
 _NESTED = {(ExperimentConfig, "data"): DataConfig, (ExperimentConfig, "eval"): ExperimentEvalConfig,

@@ -216,6 +216,10 @@ def test_profiles_merge_recipe_and_flags(tmp_path):
     # gate_lr becomes the "gates" group's lr of the memory presets only (pythia requests no such group)
     assert quick.train_config("infini", 1).param_groups == {"gates": {"lr": quick.gate_lr}}
     assert quick.train_config("pythia", 1).param_groups == {}
+    # a recurrent preset trains with recurrent_mode (LCT by default); the others in parallel
+    assert quick.train_config("context_pythia", 1).mode == "lct" and quick.train_config("infini", 1).mode == "parallel"
+    with pytest.raises(NewLLMError, match="train.mode is set by the experiment itself \\(from recurrent_mode\\)"):
+        ExperimentConfig(train={"mode": "lct"})
 
 
 def test_cli_resume_refuses_other_settings(capsys):
