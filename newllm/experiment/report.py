@@ -234,8 +234,8 @@ def plot_passkey(models: dict[str, Any], path: Path) -> bool:
     if not have:
         return False
     plt = _plt()
-    fig, axes = plt.subplots(1, len(have), figsize=(3.6 * len(have), 3.4), squeeze=False)
-    for ax, (name, p) in zip(axes[0], have.items()):
+    fig, axes = plt.subplots(1, len(have), figsize=(3.2 * len(have) + 1.2, 3.4), squeeze=False, sharey=True)
+    for k, (ax, (name, p)) in enumerate(zip(axes[0], have.items())):
         acc = p["accuracy"]
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(p["depths"])), [f"{d:g}" for d in p["depths"]])
@@ -244,7 +244,8 @@ def plot_passkey(models: dict[str, Any], path: Path) -> bool:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
         ax.set_xlabel("key depth")
-        ax.set_ylabel("prompt tokens")
+        if k == 0:
+            ax.set_ylabel("prompt tokens")
         ax.set_title(f"{name}: {p.get('overall', 0):.2f}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     tmp = path.with_name(f".{path.stem}.tmp.png")
@@ -271,6 +272,7 @@ def plot_gates(models: dict[str, Any], path: Path) -> bool:
             ax.axvline(v, color="C3", lw=1, label="sigmoid(beta), per head" if k == 0 else None)
         ax.set_xlim(0, 1)
         ax.set_xlabel("gate value")
+        ax.set_ylabel("fraction of tokens" if tg else "")
         ax.set_title(f"{name} {layer} ({g['type']})", fontsize=9)
         ax.legend(fontsize=7)
     _save(fig, path)
