@@ -92,9 +92,6 @@ class NeoXBlock(BaseLayer):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
 
-    def attention(self, x: torch.Tensor, state):  # pragma: no cover - abstract
-        raise NotImplementedError
-
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
 
