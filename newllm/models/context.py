@@ -38,7 +38,7 @@ from torch import nn
 
 from newllm.config import ModelConfig
 from newllm.errors import NewLLMError
-from newllm.models.model import LMOutput, TransformerLM, detach_state, expand_state
+from newllm.models.model import LMOutput, State, TransformerLM, detach_state, expand_state
 
 INITS = ("learned", "zero")
 
@@ -114,19 +114,30 @@ class ContextLM(TransformerLM):
                               f"FeedbackState, got {len(state)} entries ending in {type(state[-1]).__name__}")
 
     # ------------------------------------------------------------------ exact recurrence
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state=None,
-                update_memory: bool = False, output_hidden_states: bool = False,
-                detach_every: int | None = None) -> LMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: State | None = None,
+                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0) -> LMOutput:
         """The exact recurrence, token by token, continuing from `state` (default: the held memory).
 
-        `detach_every=k` cuts the gradient through h every k tokens (truncated BPTT through the
-        feedback; the KV caches keep their gradients, as in an ordinary transformer).
+        The same signature as `TransformerLM.forward`. Truncated BPTT through the feedback is
+        `recurrent_loss(..., detach_every=k)`, what sequential training calls.
         """
-        h_all, new_state, hidden = self.run_recurrence(input_ids, state, detach_every, output_hidden_states)
+        if logits_to_keep and labels is not None:
+            raise NewLLMError("forward: labels= needs every position's logits; it cannot go with logits_to_keep")
+        h_all, new_state, hidden = self.run_recurrence(input_ids, state, None, output_hidden_states)
+        if logits_to_keep:
+            h_all = h_all[:, -logits_to_keep:]  # (B, k, d)
         logits = self.lm_head(h_all)  # one head call for all positions (the head is not recurrent)
         if update_memory:
             self._memory = detach_state(new_state)
         return LMOutput(logits=logits, loss=_loss(logits, labels), state=new_state, hidden_states=hidden)
+
+    def recurrent_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, detach_every: int | None = None,
+                       state=None) -> torch.Tensor:
+        """Mean next-token loss of the exact recurrence from `state` (default: the held memory), with
+        the gradient through h cut every `detach_every` tokens (truncated BPTT through the feedback;
+        the KV caches keep their gradients, as in an ordinary transformer)."""
+        h_all, _, _ = self.run_recurrence(input_ids, state, detach_every)
+        return _loss(self.lm_head(h_all), labels)
 
     def run_recurrence(self, input_ids: torch.Tensor, state=None, detach_every: int | None = None,
                        output_hidden_states: bool = False):

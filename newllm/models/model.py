@@ -17,8 +17,9 @@ is returned with its graph, so a training loop decides what to detach.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,27 @@ class TransformerLM(nn.Module):
     def reset_memory(self) -> None:
         """Forget everything: the next call starts from an empty state."""
         self._memory = None
+
+    @contextlib.contextmanager
+    def memory_aside(self, train: bool | None = None) -> Iterator["TransformerLM"]:
+        """Inside the block the model holds no memory (every call starts empty), and with `train`
+        given it is in that mode; on exit the held memory and the mode are what they were.
+
+        What every evaluation and fine-tune does so that a memory a user absorbed is neither read
+        nor lost::
+
+            with model.memory_aside(train=False), torch.no_grad():
+                ppl = ...
+        """
+        held, was_training = self._memory, self.training
+        self._memory = None
+        if train is not None:
+            self.train(train)
+        try:
+            yield self
+        finally:
+            self._memory = held
+            self.train(was_training)
 
     def check_state(self, state: State | None) -> None:
         """Raise if a raw state tuple does not have one entry per layer (subclasses add entries)."""

@@ -192,7 +192,7 @@ def sequential_loss(model: ContextLM, input_ids: torch.Tensor, config: LCTConfig
     """The exact, teacher-forced recurrence with gradients through h (truncated by bptt_truncate)."""
     model = require_context_model(model, "sequential")
     check_no_held_memory(model)
-    return model(input_ids, labels=input_ids if labels is None else labels, detach_every=config.bptt_truncate).loss
+    return model.recurrent_loss(input_ids, input_ids if labels is None else labels, config.bptt_truncate)
 
 
 def step_loss(mode: str, model: TransformerLM, input_ids: torch.Tensor, sample_ids=None,

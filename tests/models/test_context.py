@@ -116,9 +116,9 @@ def test_gradients_flow_through_the_recurrence():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
     # truncating every token cuts the paths through h: the gradient of h_init changes
-    cut = torch.autograd.grad(model(ids, labels=ids, detach_every=1).loss, model.h_init)[0]
+    cut = torch.autograd.grad(model.recurrent_loss(ids, ids, detach_every=1), model.h_init)[0]
     assert (cut - got[1]).abs().max() > 1e-6
-    same = torch.autograd.grad(model(ids, labels=ids, detach_every=8).loss, model.h_init)[0]
+    same = torch.autograd.grad(model.recurrent_loss(ids, ids, detach_every=8), model.h_init)[0]
     torch.testing.assert_close(same, got[1], atol=1e-6, rtol=0)
 
 
@@ -160,7 +160,7 @@ def test_bad_inputs_are_one_line_errors():
     with pytest.raises(NewLLMError, match=r"unknown option\(s\) \['inti'\]"):
         tiny(context_feedback={"inti": "zero"})
     with pytest.raises(NewLLMError, match="detach_every must be > 0"):
-        model(ids, detach_every=0)
+        model.recurrent_loss(ids, ids, detach_every=0)
 
 
 def test_generate_uses_the_recurrence():
@@ -172,3 +172,18 @@ def test_generate_uses_the_recurrence():
         for _ in range(5):
             ref = torch.cat((ref, model(ref).logits[:, -1].argmax(-1, keepdim=True)), 1)
     assert torch.equal(out, ref)
+
+
+def test_forward_signature_is_the_transformer_lms():
+    import inspect
+
+    from newllm.models.model import TransformerLM
+
+    def names(f):
+        return [(p.name, p.default) for p in inspect.signature(f).parameters.values()]
+
+    assert names(ContextLM.forward) == names(TransformerLM.forward)
+    model = tiny()
+    ids = ids_()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, logits_to_keep=3).logits, model(ids).logits[:, -3:], atol=1e-6, rtol=0)

@@ -149,3 +149,19 @@ def test_generate_sampling_is_seeded(tiny_pythia):
     a = tiny_pythia.generate(ids, 8, do_sample=True, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(0))
     b = tiny_pythia.generate(ids, 8, do_sample=True, top_k=10, top_p=0.9, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (1, 12)
+
+
+def test_memory_aside_restores_the_held_memory_and_mode(tiny_pythia):
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(6))
+    tiny_pythia.eval()
+    tiny_pythia(ids, update_memory=True)
+    held = tiny_pythia.get_memory_state().named_tensors()
+    with tiny_pythia.memory_aside(train=True) as m:
+        assert m.get_memory_state() is None and m.training
+        m(ids, update_memory=True)  # absorbs into the set-aside slot, not into the user's memory
+    after = tiny_pythia.get_memory_state().named_tensors()
+    assert not tiny_pythia.training
+    assert held.keys() == after.keys() and all(torch.equal(held[k], after[k]) for k in held)
+    with pytest.raises(RuntimeError), tiny_pythia.memory_aside():
+        raise RuntimeError("boom")  # restored on the way out of an exception too
+    assert tiny_pythia.get_memory_state() is not None
