@@ -54,7 +54,7 @@ def main(argv=None):
 
     from newllm.checkpoints import gguf as ours_gguf
     from newllm.checkpoints.gguf_dequant import dequantize
-    from newllm.data.tokenizer import load_tokenizer
+    from newllm import load_tokenizer
 
     hf_logging.disable_progress_bar()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, file {args.gguf.name}")

@@ -16,7 +16,7 @@ def load_pretrained(path, **kwargs):
 
 def load_tokenizer(path):
     """A tokenizer with encode(text) -> list[int] and decode(ids) -> str from tokenizer.json or .gguf."""
-    from newllm.data.tokenizer import load_tokenizer as _load
+    from newllm.checkpoints import load_tokenizer as _load
 
     return _load(path)
 

@@ -4,21 +4,67 @@ A `ModelConfig` holds the model-level fields (vocabulary, final norm, head tying
 layer spec per layer (`{"type": "pythia", "hidden_size": 512, ...}`), so a checkpoint's config
 rebuilds any stack, including user-registered layer types. Field names follow Hugging Face's
 where one exists.
+
+Also here, because every config uses them: `dataclass_from_dict` (a config dataclass from a nested
+mapping, unknown keys refused) and the dtype table (`DTYPES`, `DTYPE_NAMES`, `MODEL_DTYPES`).
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from newllm.errors import NewLLMError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: every dtype newllm writes or reads by name (configs, checkpoint headers, memory-state files)
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+#: the dtypes a model's weights (`ModelConfig.dtype`) and cached hidden states may have: the floating
+#: dtypes of at most 32 bits (float32, float16, bfloat16)
+MODEL_DTYPES: tuple[str, ...] = tuple(n for n, t in DTYPES.items() if t.is_floating_point and t.itemsize <= 4)
 NORMS = ("layernorm", "rmsnorm")
+
+T = TypeVar("T")
+
+
+def dataclass_from_dict(cls: type[T], d: dict[str, Any], where: str, _prefix: str = "") -> T:
+    """`cls(**d)` for a config dataclass, with errors a user can act on.
+
+    A field whose type is itself a dataclass (`TrainConfig.data: DataConfig`) is built from its
+    sub-mapping the same way. Every error is one `NewLLMError` line starting with `where` (the file or
+    section the mapping came from): a key that is not a field (named dotted, `eval.everyy`, with the
+    known keys), a section that is not a mapping, a value the dataclass's own checks refuse.
+    """
+    if not isinstance(d, dict):
+        raise NewLLMError(f"{where}: {_prefix.rstrip('.') or 'top level'} must be a mapping, got {type(d).__name__}")
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        raise NewLLMError(f"{where}: unknown key(s) {[_prefix + k for k in unknown]}; known: {sorted(names)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except NameError:  # an annotation that cannot be resolved is no nested dataclass
+        hints = {}
+    kwargs = {}
+    for key, value in d.items():
+        sub = hints.get(key)
+        nested = isinstance(sub, type) and dataclasses.is_dataclass(sub)
+        kwargs[key] = dataclass_from_dict(sub, value, where, f"{_prefix}{key}.") if nested else value
+    try:
+        return cls(**kwargs)
+    except NewLLMError as e:
+        msg = str(e)
+        raise NewLLMError(msg if msg.startswith(f"{where}:") else f"{where}: {msg}") from None
+    except TypeError as e:
+        raise NewLLMError(f"{where}: {_prefix.rstrip('.') or cls.__name__}: {e}") from None
 
 
 @dataclass
@@ -45,8 +91,8 @@ class ModelConfig:
             raise NewLLMError("ModelConfig: a model needs at least one layer")
         if self.norm not in NORMS:
             raise NewLLMError(f"ModelConfig: norm must be one of {NORMS}, got {self.norm!r}")
-        if self.dtype not in DTYPES:
-            raise NewLLMError(f"ModelConfig: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in MODEL_DTYPES:
+            raise NewLLMError(f"ModelConfig: dtype must be one of {sorted(MODEL_DTYPES)}, got {self.dtype!r}")
         sizes = {spec.get("hidden_size") for spec in self.layers}
         if len(sizes) != 1:
             raise NewLLMError(f"ModelConfig: all layers must share hidden_size, got {sorted(map(str, sizes))}")
@@ -67,12 +113,8 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise NewLLMError(f"ModelConfig: unknown field(s) {unknown}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "ModelConfig") -> "ModelConfig":
+        return dataclass_from_dict(cls, d, where)
 
     def fingerprint(self) -> str:
         """Short hash of everything that decides the shapes and meaning of states and weights."""

@@ -6,6 +6,10 @@
 * a folder with `newllm.json` (our format, written by `save_model`) -> `newllm.checkpoints.native`
 * a folder with `config.json` (Hugging Face) -> `newllm.checkpoints.hf`
 * a preset name (`"pythia"`, ...) -> a freshly initialised `create_model(name)`
+
+`load_tokenizer(path)` does the same for tokenizers: a `.gguf` file -> its embedded vocabulary
+(`newllm.checkpoints.gguf_tokenizer`); a `tokenizer.json` file or a folder holding one ->
+`newllm.data.tokenizer.from_tokenizer_json`.
 """
 from __future__ import annotations
 
@@ -37,3 +41,15 @@ def load_pretrained(path, dtype=None, **kwargs):
     if p.is_file():
         raise NewLLMError(f"{path}: not a .gguf file; give a .gguf file or a model folder")
     raise NewLLMError(f"{path}: folder has neither newllm.json (newllm checkpoint) nor config.json (Hugging Face)")
+
+
+def load_tokenizer(path):
+    """A `newllm.data.tokenizer.Tokenizer` from a .gguf file, a tokenizer.json file or a folder holding one."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        from newllm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(p)
+    from newllm.data.tokenizer import from_tokenizer_json
+
+    return from_tokenizer_json(p)

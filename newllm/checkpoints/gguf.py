@@ -1,7 +1,8 @@
-"""GGUF files (llama.cpp's format): Llama-architecture models and their embedded tokenizer.
+"""GGUF files (llama.cpp's format): Llama-architecture models.
 
     model = load_gguf_model("SmolLM2-135M-Instruct.Q4_1.gguf")   # -> TransformerLM of LlamaLayers
-    tok = tokenizer_from_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+The tokenizer embedded in the file is rebuilt by `newllm.checkpoints.gguf_tokenizer`.
 
 Parsing is the `gguf` package's `GGUFReader`; dequantization is ours (`gguf_dequant.py`, equal to
 `gguf.quants.dequantize` bit for bit). Weights are dequantized to float32 and then cast to the
@@ -30,7 +31,7 @@ from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from newllm.checkpoints.gguf_dequant import SUPPORTED, dequantize
 from newllm.checkpoints.native import load_state_dict_strict
-from newllm.config import DTYPES, ModelConfig
+from newllm.config import MODEL_DTYPES, ModelConfig
 from newllm.errors import NewLLMError
 from newllm.models.layers.llama import LlamaLayerConfig
 from newllm.models.model import TransformerLM
@@ -134,8 +135,8 @@ def gguf_config(reader: GGUFReader, path, dtype=None) -> ModelConfig:
             raise NewLLMError(f"{path}: cannot tell the vocabulary size (no vocab_size, tokens or token_embd.weight)")
     if dtype is not None:
         dtype = str(dtype).replace("torch.", "")
-        if dtype not in DTYPES:
-            raise NewLLMError(f"{path}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+        if dtype not in MODEL_DTYPES:
+            raise NewLLMError(f"{path}: dtype {dtype!r} is not one of {sorted(MODEL_DTYPES)}")
     tied = not any(t.name == "output.weight" for t in reader.tensors)
     return ModelConfig(
         vocab_size=int(vocab),
@@ -228,24 +229,3 @@ def load_gguf_model(path, dtype=None) -> TransformerLM:
         raise NewLLMError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     load_state_dict_strict(model, tensors, str(path))
     return model
-
-
-# ------------------------------------------------------------------ tokenizer
-def tokenizer_from_gguf(path):
-    """The tokenizer embedded in a GGUF file (`tokenizer.ggml.*`), as a `newllm` `Tokenizer`."""
-    from newllm.data.tokenizer import from_gguf_vocab
-
-    reader = open_gguf(path)
-    tokens = field(reader, Keys.Tokenizer.LIST, path)
-    bos = field(reader, Keys.Tokenizer.BOS_ID, path, None)
-    eos = field(reader, Keys.Tokenizer.EOS_ID, path, None)
-    return from_gguf_vocab(
-        model=field(reader, Keys.Tokenizer.MODEL, path),
-        pre=field(reader, Keys.Tokenizer.PRE, path, "default"),
-        tokens=tokens,
-        merges=field(reader, Keys.Tokenizer.MERGES, path, []),
-        token_types=field(reader, Keys.Tokenizer.TOKEN_TYPE, path, None),
-        bos_token_id=bos, eos_token_id=eos,
-        add_bos=bool(field(reader, Keys.Tokenizer.ADD_BOS, path, False)),
-        name=Path(path).name, where=str(path),
-    )

@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from newllm.config import DTYPES, ModelConfig
+from newllm.config import MODEL_DTYPES, ModelConfig
 from newllm.errors import NewLLMError
 from newllm.models.layers.llama import LlamaLayerConfig
 from newllm.models.layers.pythia import ACTIVATIONS, PythiaLayerConfig
@@ -225,8 +225,8 @@ def _dtype_name(dtype, cfg: _Reader) -> str:
     if dtype == "auto":
         dtype = cfg.get("dtype", None) or cfg.get("torch_dtype", "float32")
     name = str(dtype).replace("torch.", "")
-    if name not in DTYPES:
-        raise NewLLMError(f"{cfg.path}: dtype {name!r} is not one of {sorted(DTYPES)}")
+    if name not in MODEL_DTYPES:
+        raise NewLLMError(f"{cfg.path}: dtype {name!r} is not one of {sorted(MODEL_DTYPES)}")
     return name
 
 

@@ -43,9 +43,10 @@ def load_model(folder, dtype=None) -> TransformerLM:
         raise NewLLMError(f"{folder / 'newllm.json'}: format is {header.get('format')!r}, expected {FORMAT!r}")
     if header.get("version") != VERSION:
         raise NewLLMError(f"{folder / 'newllm.json'}: version {header.get('version')} is not supported (expected {VERSION})")
-    config = ModelConfig.from_dict(header["config"])
+    fields = dict(header["config"])
     if dtype is not None:
-        config.dtype = str(dtype).replace("torch.", "")
+        fields["dtype"] = str(dtype).replace("torch.", "")
+    config = ModelConfig.from_dict(fields, where=str(folder / "newllm.json"))
     model = build_model(config)  # a ContextLM when the config has context_feedback
     try:
         tensors = load_file(str(folder / "model.safetensors"))

@@ -1,4 +1,5 @@
-"""`newllm eval TASK ...`: evaluations, one sub-subcommand each (`ppl` now; `reversal`, `passkey` later).
+"""`newllm eval TASK ...`: evaluations, one sub-subcommand each: `ppl` (this module), `reversal`
+(eval_reversal.py) and `passkey` (eval_passkey.py).
 
 A new task is a function ``register_<task>(tasks)`` that adds a parser to `tasks` with
 ``set_defaults(func=...)``, listed in `TASKS`.
@@ -46,7 +47,7 @@ def run_ppl(args) -> int:
 
     from newllm import load_pretrained, load_tokenizer
     from newllm.cli.generate import find_tokenizer
-    from newllm.data.corpora import load_tokens, separator_id
+    from newllm.data.corpora import load_tokens, scored_text, separator_id
     from newllm.errors import NewLLMError
     from newllm.eval.perplexity import sliding_window_perplexity
 
@@ -78,21 +79,6 @@ def run_ppl(args) -> int:
     print(f"bits per byte  {res.bits_per_byte:.4f}")
     print(f"time           {seconds:.1f} s ({res.n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return 0
-
-
-def scored_text(tokens, tokenizer, sep: int) -> str:
-    """The text the tokens stand for: documents decoded one by one (separators dropped), one per line.
-
-    Byte-level BPE decodes losslessly, so for a whole split this is the documents themselves; with
-    --limit-tokens it is the prefix that was evaluated (its words and bytes give word PPL / bits per byte).
-    """
-    import numpy as np
-
-    arr = np.asarray(tokens)
-    cuts = np.flatnonzero(arr == sep).tolist()
-    starts, ends = [0, *(c + 1 for c in cuts)], [*cuts, len(arr)]
-    docs = [tokenizer.decode(arr[a:b].tolist()) for a, b in zip(starts, ends)]
-    return "\n".join(d for d in docs if d)
 
 
 TASKS = [register_ppl, register_reversal, register_passkey]

@@ -50,7 +50,8 @@ def run_passkey(args) -> int:
     from newllm import load_pretrained, load_tokenizer
     from newllm.cli.generate import find_tokenizer
     from newllm.errors import NewLLMError
-    from newllm.eval.passkey import passkey_eval, passkey_finetune, plot_passkey_heatmap
+    from newllm.eval.passkey import passkey_eval, plot_passkey_heatmap
+    from newllm.train.finetune import passkey_finetune
 
     if args.finetune_steps < 0:
         raise NewLLMError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")

@@ -68,7 +68,8 @@ def _evaluate(args) -> int:
     from newllm.checkpoints.native import save_model
     from newllm.cli.generate import find_tokenizer
     from newllm.data.reversal import read_jsonl, training_documents
-    from newllm.eval.reversal import finetune_on_texts, reversal_eval
+    from newllm.eval.reversal import reversal_eval
+    from newllm.train.finetune import finetune_on_texts
 
     trained = [ex for f in args.train_file for ex in read_jsonl(f)] or None
     forward, reverse = read_jsonl(args.test_forward), read_jsonl(args.test_reverse)

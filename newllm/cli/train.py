@@ -7,6 +7,8 @@ the checkpoint (RUN_DIR/checkpoints/step-N), wherever that folder has been moved
 """
 from __future__ import annotations
 
+from newllm.train.lct import MODES
+
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model from a YAML recipe (configs/*.yaml)")
@@ -14,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (dotted keys for nested fields); repeatable")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue from a run folder or checkpoint folder")
-    p.add_argument("--mode", choices=["parallel", "sequential", "lct"],
+    p.add_argument("--mode", choices=MODES,
                    help="how steps compute the loss: parallel (default), or for a recurrent preset (context_pythia) "
                         "the exact sequential recurrence or Lagged Cache Training; same as --set mode=...")
     p.add_argument("--data-dir", help="folder holding data/ (default: $NEWLLM_DATA_DIR or ../shared)")

@@ -312,3 +312,18 @@ def load_tokens(name_or_path, split: str, tokenizer, data_dir=None, cache_dir=No
         Path(tmp).unlink(missing_ok=True)
         raise
     return np.load(path, mmap_mode="r")
+
+
+def scored_text(tokens, tokenizer, sep: int) -> str:
+    """The text `tokens` stand for: the documents between `sep` tokens decoded one by one (the
+    separators dropped), one per line.
+
+    Byte-level BPE decodes losslessly, so for a whole split this is the documents themselves; for a
+    prefix of a split it is the text that prefix covers (its words and bytes give word perplexity and
+    bits per byte, `newllm.eval.perplexity`).
+    """
+    arr = np.asarray(tokens)
+    cuts = np.flatnonzero(arr == sep).tolist()
+    starts, ends = [0, *(c + 1 for c in cuts)], [*cuts, len(arr)]
+    docs = [tokenizer.decode(arr[a:b].tolist()) for a, b in zip(starts, ends)]
+    return "\n".join(d for d in docs if d)

@@ -1,4 +1,4 @@
-"""Passkey retrieval (accuracy by prompt length and needle depth) and associative recall.
+"""Passkey retrieval: accuracy by prompt length and needle depth (associative recall: `newllm.eval.recall`).
 
 `passkey_eval` builds the grid of prompts (`newllm.data.passkey.make_passkey_grid`), greedily
 generates ``digits + 2`` tokens after each, and scores the text with `score_passkey` (the first run of
@@ -9,21 +9,16 @@ layers (Pythia, Llama) see the whole prompt by attention, also past `max_positio
 has no hard limit, but the model was not trained there). Every prompt starts from an empty memory:
 a memory the model holds is set aside and put back afterwards, as in the perplexity evaluator.
 
-`passkey_finetune` is the optional short fine-tuning stage of the Infini-attention paper: fresh
-passkey prompts (drawn from ``random.Random(f"passkey-finetune:{seed}")``, a string seed, so never
-the integer-seeded evaluation grid), loss on the key's tokens only, AdamW.
-
-`recall_eval` / `recall_train`: the associative-recall task of `newllm.data.passkey.make_recall_batch`.
+The optional short fine-tune on passkey prompts before the grid (the Infini-attention paper's) is
+`newllm.train.finetune.passkey_finetune`: evaluation does not depend on how a model was trained.
 """
 from __future__ import annotations
 
-import random
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
-from newllm.data.passkey import make_passkey_grid, make_passkey_sample, make_recall_batch, score_passkey
+from newllm.data.passkey import make_passkey_grid, score_passkey
 from newllm.errors import NewLLMError
 
 
@@ -49,28 +44,8 @@ class PasskeyResult:
 
 
 def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
-
-
-@contextmanager
-def _fresh_memory(model, train: bool):
-    """Run with an empty held memory and the given train/eval mode; restore both afterwards."""
-    was_training = getattr(model, "training", False)
-    held = model.get_memory_state() if hasattr(model, "get_memory_state") else None
-    if held is not None:
-        model.reset_memory()
-    if hasattr(model, "train"):
-        model.train(train)
-    try:
-        yield
-    finally:
-        if held is not None:
-            model.set_memory_state(held)
-        if hasattr(model, "train"):
-            model.train(was_training)
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], n_per_cell: int = 5, seed: int = 0,
@@ -89,7 +64,7 @@ def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], n_pe
     batches = [idx[k:k + batch_size] for idx in by_len.values() for k in range(0, len(idx), batch_size)]
     texts: list[str] = [""] * len(samples)
     device = _device(model)
-    with _fresh_memory(model, train=False), torch.no_grad():
+    with model.memory_aside(train=False), torch.no_grad():
         for batch in tqdm(batches, disable=not progress, desc="passkey", unit="batch"):
             x = torch.tensor([samples[i].ids for i in batch], dtype=torch.long, device=device)
             out = model.generate(x, max_new_tokens=digits + 2)
@@ -103,85 +78,6 @@ def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], n_pe
                         "generated": text, "correct": ok})
     acc = [[right[(L, float(d))] / n_per_cell for d in depths] for L in lengths]
     return PasskeyResult(list(lengths), [float(d) for d in depths], acc, n_per_cell, records)
-
-
-def _step(model, opt, ids: torch.Tensor, labels: torch.Tensor, max_grad_norm: float) -> float:
-    loss = model(ids, labels=labels).loss
-    opt.zero_grad()
-    loss.backward()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    opt.step()
-    return float(loss.detach())
-
-
-def passkey_finetune(model, tokenizer, steps: int, lengths: list[int], lr: float = 1e-4, batch_size: int = 4,
-                     seed: int = 0, digits: int = 5, weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-                     progress: bool = False) -> list[float]:
-    """Fine-tune on fresh passkey prompts; returns the loss of every step.
-
-    Each step draws one length from `lengths` and `batch_size` prompts at uniform random depths; each row
-    is prompt + the key's tokens (" N"), loss only on those tokens. Rows whose key tokenizes to fewer
-    tokens are right-padded with label -100 (harmless for a causal model: padding comes after
-    everything scored). AdamW(lr, weight_decay); gradients clipped to `max_grad_norm` (0: no clipping).
-    """
-    from tqdm.auto import tqdm
-
-    if steps < 0 or batch_size < 1 or not lengths:
-        raise NewLLMError(f"passkey_finetune: need steps >= 0, batch_size >= 1 and lengths, got "
-                          f"{steps}, {batch_size}, {lengths}")
-    rng = random.Random(f"passkey-finetune:{seed}")
-    device = _device(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    pad = getattr(tokenizer, "eos_token_id", None) or 0
-    losses = []
-    with _fresh_memory(model, train=True):
-        for _ in tqdm(range(steps), disable=not progress, desc="passkey finetune", unit="step"):
-            length = rng.choice(list(lengths))
-            rows = []
-            for _ in range(batch_size):
-                s = make_passkey_sample(tokenizer, length, rng.random(), rng, digits)
-                rows.append((s.ids, tokenizer.encode(f" {s.passkey}")))
-            T = max(len(p) + len(a) for p, a in rows)
-            ids = torch.full((batch_size, T), pad, dtype=torch.long)
-            labels = torch.full((batch_size, T), -100, dtype=torch.long)
-            for r, (p, a) in enumerate(rows):
-                ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-                labels[r, len(p):len(p) + len(a)] = torch.tensor(a)
-            losses.append(_step(model, opt, ids.to(device), labels.to(device), max_grad_norm))
-    return losses
-
-
-# ------------------------------------------------------------------------------ associative recall
-def recall_eval(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
-    """Accuracy of the greedy prediction at the labelled positions (label of t predicted at t - 1),
-    from an empty memory, in one forward call over the whole sequence."""
-    mask = labels[:, 1:] != -100
-    if not bool(mask.any()):
-        raise NewLLMError("recall_eval: no labelled positions (every label is -100)")
-    device = _device(model)
-    with _fresh_memory(model, train=False), torch.no_grad():
-        pred = model(ids.to(device)).logits[:, :-1].argmax(-1).cpu()
-    return float((pred[mask] == labels[:, 1:][mask]).float().mean())
-
-
-def recall_train(model, steps: int, n_pairs: int = 4, segment_length: int = 9, batch: int = 64, lr: float = 3e-3,
-                 seed: int = 0, weight_decay: float = 0.0, max_grad_norm: float = 1.0, progress: bool = False,
-                 **batch_kwargs) -> list[float]:
-    """Train on fresh `make_recall_batch` batches (`batch_kwargs`: n_segments_gap, n_keys, n_values,
-    tokenizer, vocab); returns the loss of every step. Defaults: the tiny setting of
-    tests/layers/test_memory_recall.py (4 pairs, segments of 9, batch 64, lr 3e-3)."""
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    device = _device(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    losses = []
-    with _fresh_memory(model, train=True):
-        for _ in tqdm(range(steps), disable=not progress, desc="recall", unit="step"):
-            ids, labels = make_recall_batch(n_pairs, segment_length, batch, g, **batch_kwargs)
-            losses.append(_step(model, opt, ids.to(device), labels.to(device), max_grad_norm))
-    return losses
 
 
 def plot_passkey_heatmap(result: PasskeyResult, path, title: str = "passkey retrieval") -> None:

@@ -17,15 +17,14 @@ compare on them (as lm-evaluation-harness reports them). nll_sum is summed exact
 float64; the guide's own loop multiplies each window's mean loss by a token count that is one too
 small for every window after the first (the label shift), which this does not copy.
 
-Speed: windows of equal length run `batch_size` at a time, and when the model's forward accepts
-``logits_to_keep`` only the positions that are scored are projected onto the vocabulary (with
+Speed: windows of equal length run `batch_size` at a time, and only the positions that are scored
+are projected onto the vocabulary (``model(ids, logits_to_keep=k)``, which every model takes; with
 stride 512 in a 2048 context that is a quarter of them; the LM head is half the work of a
 Pythia-70m-sized model). Every window starts from an empty memory: a model's held memory is set
-aside during the evaluation and put back afterwards.
+aside during the evaluation and put back afterwards (``model.memory_aside(train=False)``).
 """
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -100,30 +99,22 @@ def _check(model, ids: torch.Tensor, context: int, stride: int, batch_size: int)
     if ids.numel() < 2:
         raise NewLLMError(f"sliding_window_perplexity: text has {ids.numel()} token; at least 2 are needed "
                           "(the first token is never scored)")
-    config = getattr(model, "config", None)
-    max_pos = getattr(config, "max_position_embeddings", None)
+    max_pos, vocab = model.config.max_position_embeddings, model.config.vocab_size  # max_pos None: no limit
     if max_pos is not None and context > max_pos:
         raise NewLLMError(f"sliding_window_perplexity: context {context} is longer than the model supports "
                           f"(max_position_embeddings={max_pos})")
-    vocab = getattr(config, "vocab_size", None)
-    bad = (ids < 0) if vocab is None else (ids < 0) | (ids >= vocab)
+    bad = (ids < 0) | (ids >= vocab)
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
         raise NewLLMError(f"sliding_window_perplexity: token id {int(ids[pos])} at position {pos} is outside "
                           f"the vocabulary [0, {vocab})")
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
 @torch.inference_mode()
 def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int = 512, batch_size: int = 8,
                               text: str | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of one token stream under `model` (callable as ``model(ids).logits``, (B, T, V)).
+    """Perplexity of one token stream under `model` (a `TransformerLM` or anything with its
+    ``model(ids, logits_to_keep=k).logits`` (B, k, V) and ``model.memory_aside(train=False)``).
 
     token_ids: 1-D ints (list, numpy array, tensor). text: the original text, for word PPL and bits
     per byte. Warns when token PPL < 5 (a data leak or a broken causal mask until shown otherwise).
@@ -148,44 +139,29 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
         cur.append(w)
     batches.append(cur)
 
-    try:
-        device = next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        device = torch.device("cpu")
-    keep_ok = _accepts_logits_to_keep(model)
-    was_training = getattr(model, "training", False)
-    held = model.get_memory_state() if hasattr(model, "get_memory_state") else None
-    if held is not None:
-        model.reset_memory()
-    if hasattr(model, "eval"):
-        model.eval()
+    p = next(model.parameters(), None)
+    device = torch.device("cpu") if p is None else p.device
     nll_sum, n_tokens = 0.0, 0
     bar = tqdm(total=len(plan), disable=not progress, unit="win", desc="perplexity")
     try:
-        for batch in batches:
-            length = batch[0][1] - batch[0][0]
-            x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
-            # logits at window position j predict token j+1: scoring from s needs positions s-1-begin..T-2
-            keep = _shape(batch[0])[1] + 1
-            if keep_ok and keep < length:
-                logits = model(x, logits_to_keep=keep).logits  # (B, keep, V): the last `keep` positions
+        with model.memory_aside(train=False):
+            for batch in batches:
+                length = batch[0][1] - batch[0][0]
+                x = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, T)
+                # logits at window position j predict token j+1: scoring from s needs positions s-1-begin..T-2,
+                # the last `keep` positions (all of them in the first window, which scores all but token 0)
+                keep = _shape(batch[0])[1] + 1
+                logits = model(x, logits_to_keep=keep).logits  # (B, keep, V)
                 offset = length - keep
-            else:
-                logits = model(x).logits  # (B, T, V)
-                offset = 0
-            for row, (b, e, s) in enumerate(batch):
-                pred = logits[row, s - 1 - b - offset:e - 1 - b - offset].float()  # (n_scored, V)
-                target = x[row, s - b:e - b]
-                nll = F.cross_entropy(pred, target, reduction="none")
-                nll_sum += float(nll.double().sum())
-                n_tokens += target.numel()
-            bar.update(len(batch))
+                for row, (b, e, s) in enumerate(batch):
+                    pred = logits[row, s - 1 - b - offset:e - 1 - b - offset].float()  # (n_scored, V)
+                    target = x[row, s - b:e - b]
+                    nll = F.cross_entropy(pred, target, reduction="none")
+                    nll_sum += float(nll.double().sum())
+                    n_tokens += target.numel()
+                bar.update(len(batch))
     finally:
         bar.close()
-        if held is not None:
-            model.set_memory_state(held)
-        if was_training:
-            model.train()
 
     token_ppl = math.exp(nll_sum / n_tokens)
     result = PerplexityResult(nll_sum=nll_sum, n_tokens=n_tokens, token_ppl=token_ppl, n_windows=len(plan))

@@ -26,7 +26,6 @@ for each new token: prompts are short, and this needs nothing from the model but
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -83,18 +82,9 @@ def is_correct(generated: str, target: str) -> bool:
     return not rest or not rest[0].isalnum()
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError, AttributeError):
-        return False
-
-
 def _device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+    p = next(model.parameters(), None)
+    return torch.device("cpu") if p is None else p.device
 
 
 @torch.no_grad()
@@ -127,7 +117,7 @@ def score_tokens(model, seqs: list[list[int]], starts: list[int], batch_size: in
 def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16,
                          progress: bool = False, desc: str = "generating") -> list[list[int]]:
     """The `max_new_tokens` greedy tokens after each prompt; equal-length prompts share a batch."""
-    device, keep = _device(model), _accepts_logits_to_keep(model)
+    device = _device(model)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(len(p), []).append(i)
@@ -136,7 +126,7 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, b
     for rows in tqdm(chunks, disable=not progress, desc=desc, unit="batch"):
         x = torch.tensor([prompts[i] for i in rows], device=device)
         for _ in range(max_new_tokens):
-            logits = model(x, logits_to_keep=1).logits if keep else model(x).logits
+            logits = model(x, logits_to_keep=1).logits  # (B, 1, V)
             x = torch.cat((x, logits[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
         for r, i in enumerate(rows):
             out[i] = x[r, len(prompts[i]):].tolist()
@@ -175,22 +165,11 @@ def reversal_eval(model, tokenizer, forward: list[Example], reverse: list[Exampl
         correct = [is_correct(g, ex.completion) for g, ex in zip(gens, exs)]
         return scores, gens, correct
 
-    was_training = getattr(model, "training", False)
-    held = model.get_memory_state() if hasattr(model, "get_memory_state") else None
-    if held is not None:
-        model.reset_memory()
-    model.eval()
-    try:
-        with torch.no_grad():
-            fwd_sent, rev_sent = sentences(forward), sentences(reverse)
-            trained_sent = sentences(trained) if trained is not None else fwd_sent
-            fwd, fwd_gen, fwd_ok = completions(forward)
-            rev, rev_gen, rev_ok = completions(reverse)
-    finally:
-        if held is not None:
-            model.set_memory_state(held)
-        if was_training:
-            model.train()
+    with model.memory_aside(train=False), torch.no_grad():
+        fwd_sent, rev_sent = sentences(forward), sentences(reverse)
+        trained_sent = sentences(trained) if trained is not None else fwd_sent
+        fwd, fwd_gen, fwd_ok = completions(forward)
+        rev, rev_gen, rev_ok = completions(reverse)
     forward_ppl, backward_ppl = _ppl(trained_sent), _ppl(rev_sent)
     return ReversalResult(
         forward_accuracy=sum(fwd_ok) / len(fwd_ok), reverse_accuracy=sum(rev_ok) / len(rev_ok),
@@ -203,47 +182,3 @@ def reversal_eval(model, tokenizer, forward: list[Example], reverse: list[Exampl
         forward_correct=fwd_ok, reverse_correct=rev_ok,
         forward_logprobs=[s for s, _ in fwd], reverse_logprobs=[s for s, _ in rev],
         forward_generations=fwd_gen, reverse_generations=rev_gen)
-
-
-def finetune_on_texts(model, tokenizer, texts: list[str], steps: int, lr: float = 1e-4, batch_size: int = 8,
-                      seq_len: int = 128, seed: int = 0, progress: bool = False, weight_decay: float = 0.0,
-                      max_grad_norm: float = 1.0) -> list[float]:
-    """Train `model` on `texts` for `steps` AdamW steps; returns the loss of each step.
-
-    The texts are shuffled (seeded), each preceded by the separator token and joined into one stream
-    (never padded). A batch is `batch_size` windows of `seq_len` tokens at random offsets (seeded), so
-    a sentence cut at one window's edge is whole in another; a stream shorter than a window is one
-    window of its own length. Gradients are clipped to `max_grad_norm`. The model is left in eval mode.
-    """
-    if steps < 0 or lr <= 0 or batch_size < 1 or seq_len < 2:
-        raise NewLLMError(f"finetune_on_texts: need steps >= 0, lr > 0, batch_size >= 1, seq_len >= 2; got "
-                          f"steps={steps}, lr={lr}, batch_size={batch_size}, seq_len={seq_len}")
-    if not texts:
-        raise NewLLMError("finetune_on_texts: no training texts")
-    gen = torch.Generator().manual_seed(seed)
-    sep = separator_id(tokenizer)
-    stream = []
-    for i in torch.randperm(len(texts), generator=gen).tolist():
-        stream += [sep, *tokenizer.encode(texts[i])]
-    stream = torch.tensor(stream)
-    width = min(seq_len, len(stream))
-    device = _device(model)
-    held = model.get_memory_state() if hasattr(model, "get_memory_state") else None
-    if held is not None:
-        model.reset_memory()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), disable=not progress, desc="fine-tune", unit="step"):
-        offsets = torch.randint(0, len(stream) - width + 1, (batch_size,), generator=gen)
-        x = torch.stack([stream[o:o + width] for o in offsets.tolist()]).to(device)
-        loss = model(x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        opt.step()
-        losses.append(float(loss.detach()))
-    model.eval()
-    if held is not None:
-        model.set_memory_state(held)
-    return losses

@@ -1,8 +1,8 @@
 """`ExperimentConfig`: every number of the comparison experiment, loaded from a YAML recipe.
 
-Recipes live in `configs/` (`experiment.yaml`: the seed's Pythia-70m sizes, for a GPU;
-`experiment_quick.yaml`: the README's ~10-minute CPU run; `experiment_cpu_1h.yaml`: about an hour
-on 2 CPU cores). Sections::
+The named profiles are partial recipes in `PROFILE_RECIPES` below ("full": the seed's Pythia-70m sizes,
+for a GPU; "quick": the README's ~10-minute CPU run); a YAML file in `configs/` goes over a profile
+(`configs/experiment_cpu_1h.yaml`: about an hour on 2 CPU cores). Sections::
 
     models: [pythia, infini, multi_memory, hierarchical]
     model_overrides: {hidden_size: 512, ...}    # every model (Hugging Face field names, as create_model)
@@ -22,8 +22,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from newllm.config import dataclass_from_dict
 from newllm.errors import NewLLMError
-from newllm.train.config import DataConfig, TrainConfig, apply_overrides, build_dataclass, load_yaml
+from newllm.train.config import DataConfig, TrainConfig, apply_overrides, load_yaml
+from newllm.train.lct import MODES
 
 PROFILES = ("full", "quick", "cpu", "test")
 
@@ -135,9 +137,8 @@ class ExperimentConfig:
             raise NewLLMError(f"experiment: samples must be >= 1, got {self.samples}")
         if not self.epochs > 0:
             raise NewLLMError(f"experiment: epochs must be > 0, got {self.epochs}")
-        if self.recurrent_mode not in ("lct", "sequential", "parallel"):
-            raise NewLLMError(f"experiment: recurrent_mode must be lct, sequential or parallel, got "
-                              f"{self.recurrent_mode!r}")
+        if self.recurrent_mode not in MODES:
+            raise NewLLMError(f"experiment: recurrent_mode must be one of {MODES}, got {self.recurrent_mode!r}")
         if self.gate_lr is not None and not self.gate_lr > 0:
             raise NewLLMError(f"experiment: gate_lr must be > 0, got {self.gate_lr}")
         owned = {"model", "data", "run_dir", "max_steps", "max_tokens", "max_minutes", "seed", "device",
@@ -184,7 +185,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "experiment config") -> "ExperimentConfig":
-        return build_dataclass(cls, d, where, nested=_NESTED)
+        return dataclass_from_dict(cls, d, where)
 
 
 def has_memory_layer(preset: str) -> bool:
@@ -200,11 +201,6 @@ def is_recurrent(preset: str) -> bool:
     from newllm.models.presets import PRESETS
 
     return bool(PRESETS[preset].get("context_feedback"))
-
-
-_NESTED = {(ExperimentConfig, "data"): DataConfig, (ExperimentConfig, "eval"): ExperimentEvalConfig,
-           (ExperimentConfig, "reversal"): ReversalConfig, (ExperimentConfig, "passkey"): PasskeyConfig,
-           (ExperimentConfig, "recall"): RecallConfig}
 
 
 def load_experiment_config(path=None, overrides: list[str] = ()) -> ExperimentConfig:

@@ -162,15 +162,16 @@ class Experiment:
                                                      ("probes", lambda: self.eval_probes(model))]
         if cfg.reversal.enabled:
             out.append(("reversal", lambda: self.eval_reversal(model)))
+        groups = finetune_groups(trainer.cfg)
         if cfg.passkey.enabled:
-            out.append(("passkey", lambda: self.eval_passkey(model)))
+            out.append(("passkey", lambda: self.eval_passkey(model, groups)))
         if cfg.recall.enabled:
-            out.append(("recall", lambda: self.eval_recall(model)))
+            out.append(("recall", lambda: self.eval_recall(model, groups)))
         return out
 
     # ------------------------------------------------------------------ evaluations
     def eval_ppl(self, trainer) -> dict:
-        from newllm.cli.eval import scored_text
+        from newllm.data.corpora import scored_text
 
         out = {"context": self.cfg.eval.context, "stride": self.cfg.eval.stride}
         for split in self.cfg.eval.splits:
@@ -204,8 +205,10 @@ class Experiment:
                             max_new_tokens=r.max_new_tokens, batch_size=r.batch_size, progress=self.cfg.progress)
         return res.to_dict()
 
-    def eval_passkey(self, model) -> dict:
-        from newllm.eval.passkey import passkey_eval, passkey_finetune
+    def eval_passkey(self, model, param_groups: dict | None = None) -> dict:
+        """`param_groups`: the fine-tune's group settings (`finetune_groups`: the gates' lr)."""
+        from newllm.eval.passkey import passkey_eval
+        from newllm.train.finetune import passkey_finetune
 
         p = self.cfg.passkey
         losses = []
@@ -213,26 +216,28 @@ class Experiment:
             model = copy.deepcopy(model)  # the fine-tune is for this evaluation only
             losses = passkey_finetune(model, self.tok, p.finetune_steps, p.finetune_lengths or p.lengths,
                                       lr=p.finetune_lr, batch_size=p.finetune_batch_size, seed=p.seed + 1,
-                                      digits=p.digits, progress=self.cfg.progress)
+                                      digits=p.digits, progress=self.cfg.progress, param_groups=param_groups)
         res = passkey_eval(model, self.tok, p.lengths, p.depths, n_per_cell=p.n_per_cell, seed=p.seed,
                            digits=p.digits, progress=self.cfg.progress)
         return {**res.to_dict(), "overall": res.overall, "finetune_steps": p.finetune_steps,
-                "finetune_losses": losses}
+                "finetune_losses": losses, "finetune_param_groups": param_groups}
 
-    def eval_recall(self, model) -> dict:
-        from newllm.data.passkey import make_recall_batch
-        from newllm.eval.passkey import recall_eval, recall_train
+    def eval_recall(self, model, param_groups: dict | None = None) -> dict:
+        """`param_groups`: the recall training's group settings (`finetune_groups`: the gates' lr)."""
+        from newllm.data.recall import make_recall_batch
+        from newllm.eval.recall import recall_eval
+        from newllm.train.finetune import recall_train
 
         r, seg = self.cfg.recall, self._segment_length()
         model = copy.deepcopy(model)  # trained on the task for this evaluation only
         kw = dict(tokenizer=self.tok, n_keys=r.n_keys, n_values=r.n_values)
         losses = recall_train(model, r.steps, n_pairs=r.n_pairs, segment_length=seg, batch=r.batch_size, lr=r.lr,
-                              seed=r.seed + 1, progress=self.cfg.progress, **kw)
+                              seed=r.seed + 1, progress=self.cfg.progress, param_groups=param_groups, **kw)
         g = torch.Generator().manual_seed(r.seed)  # held-out batches: another seed than training's
         accs = [recall_eval(model, *make_recall_batch(r.n_pairs, seg, r.batch_size, g, **kw))
                 for _ in range(r.eval_batches)]
         return {"accuracy": float(np.mean(accs)), "chance": 1.0 / r.n_values, "segment_length": seg,
-                "n_pairs": r.n_pairs, "steps": r.steps, "losses": losses}
+                "n_pairs": r.n_pairs, "steps": r.steps, "losses": losses, "param_groups": param_groups}
 
     def _segment_length(self) -> int:
         seg = self.cfg.memory_overrides.get("segment_length")
@@ -284,6 +289,15 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume=None, data_dir=No
         root.mkdir(parents=True, exist_ok=True)
         (root / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return Experiment(cfg, data_dir=data_dir).run()
+
+
+def finetune_groups(tcfg) -> dict[str, dict[str, float]] | None:
+    """Group settings for a model's evaluation fine-tunes (passkey, recall): the gates' lr of its
+    training (`gate_lr`, which `ExperimentConfig.train_config` puts into train.param_groups.gates, or
+    an lr set there directly), so a short fine-tune can move the gates too; None (every group at the
+    fine-tune's own lr) for a model whose training gave its gates no lr of their own."""
+    lr = tcfg.param_groups.get("gates", {}).get("lr")
+    return None if lr is None else {"gates": {"lr": float(lr)}}
 
 
 def resolve_tokenizer(name: str | None, data_dir=None) -> str | None:

@@ -28,7 +28,6 @@ equals any split with the state carried.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from newllm.config import ModelConfig
+from newllm.config import ModelConfig, dataclass_from_dict
 from newllm.errors import NewLLMError
 from newllm.models.model import LMOutput, State, TransformerLM, detach_state, expand_state
 
@@ -59,12 +58,8 @@ class ContextConfig:
             raise NewLLMError(f"context_feedback: proj_init_std must be >= 0, got {self.proj_init_std}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ContextConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise NewLLMError(f"context_feedback: unknown option(s) {unknown}; known: {sorted(names)}")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], where: str = "context_feedback") -> "ContextConfig":
+        return dataclass_from_dict(cls, d, where)
 
 
 class FeedbackState(NamedTuple):

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from newllm.config import dataclass_from_dict
 from newllm.errors import NewLLMError
 from newllm.train.lct import MODES, LCTConfig
 
@@ -151,7 +152,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
-        return build_dataclass(cls, d, where)
+        return dataclass_from_dict(cls, d, where)
 
 
 def _check_pos(owner, **values):
@@ -164,32 +165,6 @@ def _check_nonneg(owner, **values):
     for k, v in values.items():
         if v is None or v < 0:
             raise NewLLMError(f"{owner}: {k} must be >= 0, got {v}")
-
-
-def build_dataclass(cls, d, where: str, prefix: str = "", nested: dict | None = None):
-    """`cls(**d)` for a (nested) config dataclass: unknown keys are errors naming the dotted key and `where`;
-    `nested` maps (owner class, key) to the dataclass of that section (default: TrainConfig's sections)."""
-    nested = _NESTED if nested is None else nested
-    if not isinstance(d, dict):
-        raise NewLLMError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {type(d).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(fields))
-    if unknown:
-        raise NewLLMError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; known: {sorted(fields)}")
-    kwargs = {}
-    for key, value in d.items():
-        sub = nested.get((cls, key))
-        kwargs[key] = build_dataclass(sub, value, where, f"{prefix}{key}.", nested) if sub is not None else value
-    try:
-        return cls(**kwargs)
-    except NewLLMError as e:
-        raise NewLLMError(f"{where}: {e}") from None
-    except TypeError as e:
-        raise NewLLMError(f"{where}: {prefix.rstrip('.') or 'config'}: {e}") from None
-
-
-_NESTED = {(TrainConfig, "model"): ModelSpec, (TrainConfig, "data"): DataConfig, (TrainConfig, "eval"): EvalConfig,
-           (TrainConfig, "lct"): LCTConfig}
 
 
 class _Loader(yaml.SafeLoader):

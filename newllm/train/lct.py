@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from newllm.config import DTYPES
+from newllm.config import DTYPES, MODEL_DTYPES
 from newllm.errors import NewLLMError
 from newllm.models.context import ContextLM, shift_context
 from newllm.models.model import TransformerLM
@@ -65,8 +65,8 @@ class LCTConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise NewLLMError(f"lct: {key} must be an integer >= 0, got {value!r}")
-        if self.cache_dtype not in DTYPES:
-            raise NewLLMError(f"lct: cache_dtype must be one of {sorted(DTYPES)}, got {self.cache_dtype!r}")
+        if self.cache_dtype not in MODEL_DTYPES:
+            raise NewLLMError(f"lct: cache_dtype must be one of {sorted(MODEL_DTYPES)}, got {self.cache_dtype!r}")
         if self.bptt_truncate is not None and (not isinstance(self.bptt_truncate, int) or self.bptt_truncate <= 0):
             raise NewLLMError(f"lct: bptt_truncate must be a positive integer or null, got {self.bptt_truncate!r}")
 

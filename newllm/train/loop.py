@@ -349,7 +349,7 @@ class Trainer:
 # ---------------------------------------------------------------------- the whole run
 def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, data_dir=None):
     """The run's tokenizer: run_dir/tokenizer.json if present (resume), the configured file, or a new BPE."""
-    from newllm.data.tokenizer import load_tokenizer
+    from newllm.checkpoints import load_tokenizer
 
     saved = run_dir / "tokenizer.json"
     if saved.exists():

@@ -12,7 +12,8 @@ from gguf.quants import quantize as gguf_quantize
 from tokenizers import pre_tokenizers
 
 from newllm import NewLLMError, load_pretrained, load_tokenizer
-from newllm.checkpoints.gguf import load_gguf_model, tokenizer_from_gguf
+from newllm.checkpoints.gguf import load_gguf_model
+from newllm.checkpoints.gguf_tokenizer import tokenizer_from_gguf
 
 
 # ---------------------------------------------------------------- a tiny byte-level BPE vocabulary

@@ -10,13 +10,13 @@ import pytest
 from newllm import NewLLMError
 from newllm.data import corpora
 from newllm.data.corpora import find_data_dir, load_documents, load_tokens, separator_id, split_wikitext_articles
-from newllm.data.tokenizer import load_tokenizer
+from newllm.data.tokenizer import from_tokenizer_json
 from tests.conftest import NEOX_TOKENIZER, ROOT
 
 
 @pytest.fixture(scope="module")
 def neox():
-    return load_tokenizer(NEOX_TOKENIZER)
+    return from_tokenizer_json(NEOX_TOKENIZER)
 
 
 # ------------------------------------------------------------------------------ data directory

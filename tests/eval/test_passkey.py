@@ -1,21 +1,17 @@
-"""passkey_eval on stub models whose answers we control, batching, fine-tuning labels, recall helpers."""
+"""passkey_eval on stub models whose answers we control, batching, the CLI (its fine-tune included)."""
 from __future__ import annotations
 
 import json
-import math
 import re
-from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 from newllm import create_model, load_tokenizer
 from newllm.data.bpe import train_bpe
-from newllm.data.passkey import (FILLER_SENTENCES, INTRO, NEEDLE, QUESTION, make_passkey_grid, make_recall_batch,
-                                 recall_vocab)
-from newllm.eval.passkey import (PasskeyResult, passkey_eval, passkey_finetune, plot_passkey_heatmap, recall_eval,
-                                 recall_train)
+from newllm.data.passkey import FILLER_SENTENCES, INTRO, NEEDLE, QUESTION, make_passkey_grid
+from newllm.eval.passkey import PasskeyResult, passkey_eval, plot_passkey_heatmap
+from tests.stubs import StubLM
 
 LENGTHS, DEPTHS, N = [100, 200, 400], [0.0, 0.5, 1.0], 4
 
@@ -25,11 +21,12 @@ def tok(shared_dir):
     return load_tokenizer(shared_dir / "tokenizers" / "gpt-neox-20b" / "tokenizer.json")
 
 
-class Oracle:
+class Oracle(StubLM):
     """Reads the key out of the prompt and 'generates' `answer(key, prompt_len)` (tokenized, cut or padded
     with '.' to max_new_tokens); records each call's batch shape."""
 
     def __init__(self, tok, answer):
+        super().__init__()
         self.tok, self.answer, self.shapes = tok, answer, []
 
     def generate(self, ids, max_new_tokens):
@@ -94,83 +91,6 @@ def test_tiny_model_batched_equals_one_by_one_and_memory_is_kept(tok):
     assert model.training  # mode restored
     after = model.get_memory_state()
     assert held.tokens_absorbed == 3 and after.tokens_absorbed == 3  # the held memory is back
-
-
-class Recorder(nn.Module):
-    """Records the (ids, labels) of each training step; its loss is a function of one weight."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(()))
-        self.calls = []
-
-    def forward(self, ids, labels=None):
-        self.calls.append((ids.clone(), labels.clone(), self.training))
-        return SimpleNamespace(loss=self.w ** 2)
-
-
-def test_finetune_puts_the_loss_on_the_key_tokens_only(tok):
-    rec = Recorder().eval()
-    losses = passkey_finetune(rec, tok, steps=3, lengths=[80, 150], batch_size=2, lr=0.1, seed=0)
-    assert len(losses) == 3 and losses[0] == 1.0 and losses[1] < 1.0  # AdamW moved the weight
-    eval_keys = {s.passkey for s in make_passkey_grid(tok, [80, 150], [0.0, 0.5, 1.0], 5, seed=0)}
-    for ids, labels, training in rec.calls:
-        assert training and ids.shape[0] == 2 and ids.shape[1] <= 150 + 3
-        for row, lab in zip(ids, labels):
-            where = (lab != -100).nonzero().flatten()
-            assert where.tolist() == list(range(int(where[0]), int(where[-1]) + 1))  # one contiguous run
-            prompt = tok.decode(row[:where[0]].tolist())
-            answer = tok.decode(lab[where].tolist())
-            assert prompt.endswith("The pass key is") and (row[where] == lab[where]).all()
-            key = re.search(r"The pass key is (\d+)\. Remember", prompt).group(1)
-            assert answer == f" {key}" and key not in eval_keys
-    assert not rec.training  # trained in train mode, then put back in eval mode
-
-
-def test_finetune_lowers_the_key_loss_of_a_tiny_model():
-    # a small BPE learned from the prompt pieces (synthetic task: synthetic text is the point here)
-    text = INTRO + "".join(FILLER_SENTENCES) * 3 + NEEDLE.format(key=12345) + QUESTION
-    small = train_bpe([text] * 5, vocab_size=400)
-    torch.manual_seed(0)
-    model = create_model("pythia", vocab_size=small.vocab_size, hidden_size=32, num_attention_heads=4,
-                         intermediate_size=64, num_hidden_layers=1)
-    losses = passkey_finetune(model, small, steps=30, lengths=[128], lr=3e-3, batch_size=4, seed=1)
-    assert len(losses) == 30 and all(math.isfinite(x) for x in losses)
-    # starts near ln(390) = 5.97; learning that digits follow "The pass key is" alone brings it near
-    # ln 10 = 2.3 per digit (measured: mean of the last five 2.66)
-    assert losses[0] > 5.5 and sum(losses[-5:]) / 5 < losses[0] - 2, losses
-
-
-class NextTokenOracle(nn.Module):
-    """Logits that predict the true next token at every position (or always `const`)."""
-
-    def __init__(self, vocab, const=None):
-        super().__init__()
-        self.vocab, self.const = vocab, const
-
-    def forward(self, ids):
-        target = torch.full_like(ids, self.const) if self.const is not None else torch.roll(ids, -1, 1)
-        return SimpleNamespace(logits=nn.functional.one_hot(target, self.vocab).float())
-
-
-def test_recall_eval_counts_labelled_positions_only():
-    v = recall_vocab(n_keys=8, n_values=4)
-    ids, labels = make_recall_batch(3, 7, 50, torch.Generator().manual_seed(0), n_segments_gap=2, vocab=v)
-    assert recall_eval(NextTokenOracle(20), ids, labels) == 1.0
-    const = v.values[0]
-    expect = float((labels[labels != -100] == const).float().mean())
-    assert 0 < expect < 1 and recall_eval(NextTokenOracle(20, const), ids, labels) == pytest.approx(expect, abs=1e-7)
-    assert recall_eval(NextTokenOracle(20, v.filler), ids, labels) == 0.0
-
-
-def test_recall_train_learns_the_value_set():
-    torch.manual_seed(0)
-    model = create_model("pythia", vocab_size=35, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                         num_hidden_layers=1)
-    losses = recall_train(model, steps=40, n_pairs=4, segment_length=9, batch=32, lr=3e-3, seed=0)
-    assert len(losses) == 40 and losses[0] > math.log(35) - 0.3
-    # a model that only learns "a value comes here" reaches ln 16 = 2.77; far from the start of ~ln 35 = 3.56
-    assert sum(losses[-5:]) / 5 < math.log(16) + 0.15, losses[-5:]
 
 
 def test_heatmap_is_written(tmp_path):

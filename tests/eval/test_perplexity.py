@@ -12,6 +12,7 @@ from torch import nn
 
 from newllm import NewLLMError, create_model
 from newllm.eval import sliding_window_perplexity, window_plan
+from tests.stubs import StubLM
 
 V = 97
 TINY = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2)
@@ -89,8 +90,9 @@ def test_window_plan():
     assert window_plan(3, 8, 2) == [(0, 3, 1)]
 
 
-class KeepLogits(nn.Module):
-    """A model whose forward takes `logits_to_keep` (like transformers'): only the last k positions."""
+class KeepLogits(StubLM):
+    """Computes every position's logits with the wrapped model (the full path) and keeps the last
+    `logits_to_keep` of them; records (window length, logits_to_keep) of each call."""
 
     def __init__(self, inner):
         super().__init__()
@@ -109,6 +111,7 @@ def test_logits_to_keep_path(model):
     ids = ids_of(150)
     res = sliding_window_perplexity(wrapped, ids, context=32, stride=8, batch_size=4, progress=False)
     ref = sliding_window_perplexity(model, ids, context=32, stride=8, batch_size=4, progress=False)
+    # the full path cut afterwards == TransformerLM projecting only the kept positions
     assert res.nll_sum == pytest.approx(ref.nll_sum, rel=REL) and res.n_tokens == ref.n_tokens
     assert (32, 9) in wrapped.calls  # later windows project only their 8 new tokens (+1 for the shift)
 
@@ -172,7 +175,7 @@ def test_word_ppl_and_bits_per_byte(model):
     assert plain.word_ppl is None and plain.bits_per_byte is None and plain.n_words is None
 
 
-class Leaky(nn.Module):
+class Leaky(StubLM):
     """A 'model' that sees the next token: what a broken causal mask looks like from outside."""
 
     def __init__(self):
@@ -180,9 +183,9 @@ class Leaky(nn.Module):
         self.config = create_model("pythia", **TINY).config
         self.dummy = nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids):
-        nxt = torch.roll(ids, -1, dims=1)
-        return type("Out", (), {"logits": F.one_hot(nxt, V).float() * 20.0})()
+    def forward(self, ids, logits_to_keep: int = 0):
+        logits = F.one_hot(torch.roll(ids, -1, dims=1), V).float() * 20.0
+        return type("Out", (), {"logits": logits[:, -logits_to_keep:] if logits_to_keep else logits})()
 
 
 def test_warns_on_suspiciously_low_ppl(model):

@@ -73,15 +73,15 @@ def test_end_to_end_writes_results_report_and_plots(finished):
         pos = r["probes"]["position"]
         assert pos["length"] == 128 and len(pos["loss"]) == 127 and len(pos["bin_loss"]) == 4
         assert r["probes"]["speed"]["tokens_per_s"] > 0
-    # the memory-off ablation: only for memory presets, identical to the normal pass in the first
-    # segment (an empty memory reads as 0), different after it
-    if name == "pythia":
-        assert "loss_memory_off" not in pos
-    else:
-        on, off = np.array(pos["loss"]), np.array(pos["loss_memory_off"])
-        assert pos["segment_length"] == 16
-        np.testing.assert_allclose(off[:15], on[:15], rtol=1e-5, atol=1e-6)
-        assert np.abs(off[16:] - on[16:]).max() > 1e-4
+        # the memory-off ablation: only for memory presets, identical to the normal pass in the first
+        # segment (an empty memory reads as 0), different after it
+        if name == "pythia":
+            assert "loss_memory_off" not in pos
+        else:
+            on, off = np.array(pos["loss"]), np.array(pos["loss_memory_off"])
+            assert pos["segment_length"] == 16
+            np.testing.assert_allclose(off[:15], on[:15], rtol=1e-5, atol=1e-6, err_msg=name)
+            assert np.abs(off[16:] - on[16:]).max() > 1e-4, name
         assert (root / "models" / name / "final" / "model.safetensors").exists()
     # the memory presets report their gates; hierarchical also its per-token expansion gate
     gates = {n: r["probes"]["position"]["gates"] for n, r in on_disk["models"].items()}

@@ -157,7 +157,7 @@ def test_bad_inputs_are_one_line_errors():
         model(ids, state=plain_state)
     with pytest.raises(NewLLMError, match="init must be one of"):
         tiny(context_feedback={"init": "random"})
-    with pytest.raises(NewLLMError, match=r"unknown option\(s\) \['inti'\]"):
+    with pytest.raises(NewLLMError, match=r"unknown key\(s\) \['inti'\]"):
         tiny(context_feedback={"inti": "zero"})
     with pytest.raises(NewLLMError, match="detach_every must be > 0"):
         model.recurrent_loss(ids, ids, detach_every=0)

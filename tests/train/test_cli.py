@@ -47,7 +47,7 @@ def finished_run(recipe):
 
 def test_train_writes_metrics_png_and_loadable_final_model(finished_run, capsys):
     from newllm.checkpoints.native import load_model
-    from newllm.data.tokenizer import load_tokenizer
+    from newllm import load_tokenizer
 
     records = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
