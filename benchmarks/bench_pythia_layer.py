@@ -25,10 +25,6 @@ from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer, GPTNeoX
 
 from newllm.models.layers import PythiaLayer
 
-NAMES = {"attention.query_key_value": "query_key_value", "attention.dense": "dense",
-         "mlp.dense_h_to_4h": "dense_h_to_4h", "mlp.dense_4h_to_h": "dense_4h_to_h"}
-
-
 def build(args):
     cfg = transformers.GPTNeoXConfig(hidden_size=args.hidden, num_attention_heads=args.heads,
                                      intermediate_size=args.intermediate, rotary_pct=args.rotary_pct,
@@ -40,12 +36,7 @@ def build(args):
         for p in ref.parameters():
             p.normal_(0.0, 0.05)
     ours = PythiaLayer(args.hidden, args.heads, args.intermediate, rotary_pct=args.rotary_pct)
-    sd = {}
-    for k, v in ref.state_dict().items():
-        for a, b in NAMES.items():
-            k = k.replace(a, b)
-        sd[k] = v
-    ours.load_state_dict(sd, strict=True)
+    ours.load_state_dict(ref.state_dict(), strict=True)  # our layer carries transformers' names
     return ours, ref, GPTNeoXRotaryEmbedding(cfg)
 
 

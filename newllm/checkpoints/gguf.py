@@ -41,9 +41,9 @@ ARCHITECTURES = ("llama",)
 #: GGUF tensor name -> ours. Per-layer names are `blk.{i}.{part}.{weight|bias}` -> `layers.{i}.{part}...`
 TOP_LEVEL = {"token_embd": "embed", "output_norm": "norm", "output": "lm_head"}
 BLOCK = {
-    "attn_norm": "input_layernorm", "attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj",
-    "attn_output": "o_proj", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj",
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _REQUIRED = object()
 _reader_cache: dict[tuple, GGUFReader] = {}
@@ -152,7 +152,7 @@ def gguf_config(reader: GGUFReader, path, dtype=None) -> ModelConfig:
 
 # ------------------------------------------------------------------ tensors
 def our_name(gguf_name: str) -> str:
-    """`blk.3.attn_q.weight` -> `layers.3.q_proj.weight`; an unknown name is returned unchanged."""
+    """`blk.3.attn_q.weight` -> `layers.3.self_attn.q_proj.weight`; an unknown name is returned unchanged."""
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[2] in BLOCK:
         return f"layers.{parts[1]}.{BLOCK[parts[2]]}.{parts[3]}"
@@ -166,8 +166,9 @@ def gguf_name(name: str) -> str:
     parts = name.split(".")
     inverse_block = {v: k for k, v in BLOCK.items()}
     inverse_top = {v: k for k, v in TOP_LEVEL.items()}
-    if len(parts) == 4 and parts[0] == "layers" and parts[2] in inverse_block:
-        return f"blk.{parts[1]}.{inverse_block[parts[2]]}.{parts[3]}"
+    module = ".".join(parts[2:-1])  # layers.{i}.{module}.{weight|bias}
+    if len(parts) >= 4 and parts[0] == "layers" and module in inverse_block:
+        return f"blk.{parts[1]}.{inverse_block[module]}.{parts[-1]}"
     if len(parts) == 2 and parts[0] in inverse_top:
         return f"{inverse_top[parts[0]]}.{parts[1]}"
     return name

@@ -49,18 +49,16 @@ from newllm.models.model import TransformerLM
 __all__ = ["load_hf_model", "hf_config", "hf_to_ours", "ARCHITECTURES"]
 
 # ------------------------------------------------------------------ names
-#: per-architecture: base-model prefix, top-level names (HF -> ours), per-layer names (HF -> ours),
-#: the head's HF name, and patterns of buffers that old checkpoints carry and we drop
+#: per-architecture: base-model prefix, top-level names (HF -> ours), the per-layer names (the same in
+#: both: our blocks carry Hugging Face's module names), the head's HF name, and patterns of buffers
+#: that old checkpoints carry and we drop
 NAMES: dict[str, dict[str, Any]] = {
     "gpt_neox": {
         "prefix": "gpt_neox.",
         "top": {"embed_in": "embed", "final_layer_norm": "norm"},
         "head": "embed_out",
-        "layer": {
-            "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-            "attention.query_key_value": "query_key_value", "attention.dense": "dense",
-            "mlp.dense_h_to_4h": "dense_h_to_4h", "mlp.dense_4h_to_h": "dense_4h_to_h",
-        },
+        "layer": ("input_layernorm", "post_attention_layernorm", "attention.query_key_value", "attention.dense",
+                  "mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
         "drop": re.compile(r"^(gpt_neox\.)?(layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)"
                            r"|rotary_emb\.inv_freq)$"),
     },
@@ -68,12 +66,8 @@ NAMES: dict[str, dict[str, Any]] = {
         "prefix": "model.",
         "top": {"embed_tokens": "embed", "norm": "norm"},
         "head": "lm_head",
-        "layer": {
-            "input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
-            "self_attn.q_proj": "q_proj", "self_attn.k_proj": "k_proj", "self_attn.v_proj": "v_proj",
-            "self_attn.o_proj": "o_proj",
-            "mlp.gate_proj": "gate_proj", "mlp.up_proj": "up_proj", "mlp.down_proj": "down_proj",
-        },
+        "layer": ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
         "drop": re.compile(r"^(model\.)?(layers\.\d+\.self_attn\.rotary_emb\.inv_freq|rotary_emb\.inv_freq)$"),
     },
 }
@@ -83,7 +77,7 @@ _LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.(weight|bias)$")
 
 
 def hf_to_ours(name: str, model_type: str) -> str | None:
-    """`gpt_neox.layers.3.attention.dense.weight` -> `layers.3.dense.weight`; None if not a known name."""
+    """`gpt_neox.layers.3.attention.dense.weight` -> `layers.3.attention.dense.weight`; None if not a known name."""
     t = NAMES[model_type]
     if name.startswith(t["prefix"]):
         name = name[len(t["prefix"]):]
@@ -93,7 +87,7 @@ def hf_to_ours(name: str, model_type: str) -> str | None:
                 return "lm_head." + name[len(head) + 1:]
     m = _LAYER_RE.match(name)
     if m and m.group(2) in t["layer"]:
-        return f"layers.{m.group(1)}.{t['layer'][m.group(2)]}.{m.group(3)}"
+        return f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}"
     module, _, param = name.rpartition(".")
     if module in t["top"] and param in ("weight", "bias"):
         return f"{t['top'][module]}.{param}"
@@ -106,10 +100,8 @@ def ours_to_hf(name: str, model_type: str) -> str:
     module, _, param = name.rpartition(".")
     if module == "lm_head":
         return f"{t['head']}.{param}"
-    m = _LAYER_RE.match(name)
-    if m:
-        inverse = {v: k for k, v in t["layer"].items()}
-        return f"{t['prefix']}layers.{m.group(1)}.{inverse[m.group(2)]}.{m.group(3)}"
+    if _LAYER_RE.match(name):
+        return f"{t['prefix']}{name}"
     inverse = {v: k for k, v in t["top"].items()}
     return f"{t['prefix']}{inverse[module]}.{param}"
 

@@ -3,16 +3,12 @@
 Prints the accuracy table (one row per length, one column per depth) and the overall accuracy, or
 with --json the whole `PasskeyResult` (every prompt's generated text included). Prompts longer than
 the model's `max_position_embeddings` are run, not refused (RoPE has no hard limit), with a note
-when the model has position-encoded attention layers.
+when the model has layers that use positions (`BaseLayer.uses_positions`).
 """
 from __future__ import annotations
 
 import json
 import time
-
-#: layer types whose attention uses rotary positions (trained up to max_position_embeddings)
-POSITION_LAYERS = ("pythia", "llama")
-
 
 def register_passkey(tasks) -> None:
     p = tasks.add_parser("passkey", help="passkey retrieval accuracy by prompt length and needle depth",
@@ -37,9 +33,9 @@ def register_passkey(tasks) -> None:
 
 
 def position_note(model, max_length: int) -> str | None:
-    """A note when prompts exceed max_position_embeddings on a model with rotary-position layers."""
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    types = sorted({getattr(layer, "layer_type", "") for layer in getattr(model, "layers", [])} & set(POSITION_LAYERS))
+    """A note when prompts exceed max_position_embeddings on a model with layers that use positions."""
+    max_pos = model.config.max_position_embeddings
+    types = sorted({layer.layer_type for layer in model.layers if layer.uses_positions})
     if max_pos is None or max_length <= max_pos or not types:
         return None
     return (f"prompts up to {max_length} tokens exceed max_position_embeddings={max_pos}: the {'/'.join(types)} "

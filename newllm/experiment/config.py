@@ -193,7 +193,7 @@ def has_memory_layer(preset: str) -> bool:
     from newllm.models.presets import PRESETS
 
     p = PRESETS[preset]
-    return any(getattr(LAYER_REGISTRY[t], "has_compressive_memory", False) for t in [*p["first"], p["rest"]])
+    return any(LAYER_REGISTRY[t].has_compressive_memory for t in [*p["first"], p["rest"]])
 
 
 def is_recurrent(preset: str) -> bool:

@@ -8,10 +8,12 @@ that keeps falling at positions its local attention no longer reaches; for model
 layer the same documents are read again with the memory switched off (`memory_switched_off`), and
 the difference is what the memory contributes at each position.
 
-Gates: every layer with `gate_values()` reports sigmoid(beta) per head (the weight of the memory
-read-out against local attention). A HierarchicalLayer also has a per-token expansion gate e (how
-much of the fine read-out is mixed in); its values over the position documents are collected with a
-forward hook on `layer.expansion` and summarised as a histogram and quantiles.
+Gates: every layer reports what it declares (`BaseLayer.gates()`: e.g. sigmoid(beta) per head, the
+weight of the memory read-out against local attention) and its per-token gates
+(`BaseLayer.token_gates()`: modules whose output is a gate value in [0, 1], e.g. a
+HierarchicalLayer's expansion gate e, how much of the fine read-out is mixed in); the per-token
+values over the position documents are collected with forward hooks on those modules and
+summarised as a histogram and quantiles. Nothing here knows a layer type by name.
 """
 from __future__ import annotations
 
@@ -37,15 +39,14 @@ def long_documents(tokens: np.ndarray, sep: int, length: int, limit: int) -> lis
 
 @contextlib.contextmanager
 def record_token_gates(model):
-    """Collect per-token expansion-gate values of every layer that has one: {layer index: [tensors]}."""
-    found: dict[int, list[torch.Tensor]] = {}
+    """Collect every layer's declared per-token gates: {layer index: {gate name: [tensors]}}."""
+    found: dict[int, dict[str, list[torch.Tensor]]] = {}
     handles = []
-    for i, layer in enumerate(getattr(model, "layers", [])):
-        lin = getattr(layer, "expansion", None)
-        if isinstance(lin, torch.nn.Module) and callable(getattr(layer, "expansion_gate", None)):
-            found[i] = []
-            handles.append(lin.register_forward_hook(
-                lambda _m, _i, out, i=i: found[i].append(torch.sigmoid(out.detach().float()).flatten().cpu())))
+    for i, layer in enumerate(model.layers):
+        for name, module in layer.token_gates().items():
+            values = found.setdefault(i, {}).setdefault(name, [])
+            handles.append(module.register_forward_hook(
+                lambda _m, _i, out, values=values: values.append(out.detach().float().flatten().cpu())))
     try:
         yield found
     finally:
@@ -53,41 +54,49 @@ def record_token_gates(model):
             h.remove()
 
 
-def gate_summary(model, token_gates: dict[int, list[torch.Tensor]]) -> dict[str, dict]:
-    """Per memory layer: its type, sigmoid(beta) per head, and per-token gate statistics if any."""
+def token_gate_stats(vals: torch.Tensor) -> dict:
+    q = torch.quantile(vals[:1_000_000], torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
+    counts = torch.histc(vals, bins=HIST_BINS, min=0.0, max=1.0).long().tolist()
+    return {"mean": float(vals.mean()), "std": float(vals.std()),
+            "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), q)), "hist": counts, "n": int(vals.numel())}
+
+
+def gate_summary(model, token_gates: dict[int, dict[str, list[torch.Tensor]]]) -> dict[str, dict]:
+    """Per layer that declares gates: its type, each gate's values (per head), and per-token gate
+    statistics where it has per-token gates."""
     out = {}
-    for i, layer in enumerate(getattr(model, "layers", [])):
-        fn = getattr(layer, "gate_values", None)
-        if not callable(fn):
+    for i, layer in enumerate(model.layers):
+        gates = layer.gates()
+        if not gates and not layer.token_gates():
             continue
-        entry = {"type": type(layer).__name__, "head_gate": [round(float(g), 6) for g in fn().flatten()]}
-        vals = torch.cat(token_gates[i]) if token_gates.get(i) else None
-        if vals is not None and vals.numel():
-            q = torch.quantile(vals[:1_000_000], torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95])).tolist()
-            counts = torch.histc(vals, bins=HIST_BINS, min=0.0, max=1.0).long().tolist()
-            entry["token_gate"] = {"name": "expansion", "mean": float(vals.mean()), "std": float(vals.std()),
-                                   "quantiles": dict(zip(("p05", "p25", "p50", "p75", "p95"), q)),
-                                   "hist": counts, "n": int(vals.numel())}
+        entry = {"type": type(layer).__name__,
+                 "gates": {name: [round(float(g), 6) for g in v.flatten()] for name, v in gates.items()},
+                 "token_gates": {}}
+        for name, parts in token_gates.get(i, {}).items():
+            vals = torch.cat(parts) if parts else None
+            if vals is not None and vals.numel():
+                entry["token_gates"][name] = token_gate_stats(vals)
         out[f"L{i}"] = entry
     return out
 
 
 @contextlib.contextmanager
 def memory_switched_off(model):
-    """Every compressive-memory layer with `use_memory=False` (no read, no write) inside the block.
+    """Every compressive-memory layer switched off (`memory_enabled = False`: no read, no write)
+    inside the block; yields how many layers that is.
 
     The ablation that shows what the memory contributes: the same weights, the memory read-out set
     to zero. That is what every layer reads during its first segment anyway (an empty memory reads
     as 0), so the ablated model stays on ground it was trained on."""
-    layers = [layer for layer in getattr(model, "layers", []) if getattr(layer, "has_compressive_memory", False)]
-    before = [layer.config.use_memory for layer in layers]
+    layers = [layer for layer in model.layers if layer.has_compressive_memory]
+    before = [layer.memory_enabled for layer in layers]
     try:
         for layer in layers:
-            layer.config.use_memory = False
+            layer.memory_enabled = False
         yield len(layers)
     finally:
         for layer, b in zip(layers, before):
-            layer.config.use_memory = b
+            layer.memory_enabled = b
 
 
 @torch.no_grad()
@@ -99,11 +108,8 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
     if not docs:
         return {"n_docs": 0}
     device = next(model.parameters()).device
-    model.eval()
-    held = getattr(model, "_memory", None)
-    model.reset_memory()
     total, off, state_bytes = 0.0, None, None
-    try:
+    with model.memory_aside(train=False):
         with record_token_gates(model) as token_gates:
             for doc in tqdm(docs, desc="loss by position", disable=not progress, leave=False):
                 ids = torch.as_tensor(doc.astype(np.int64), device=device)[None]
@@ -118,8 +124,6 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
                 for doc in docs:
                     ids = torch.as_tensor(doc.astype(np.int64), device=device)[None]
                     off = off + _nll(model(ids).logits, ids)
-    finally:
-        model.set_memory_state(held)
     mean = total / len(docs)
     edges = np.linspace(0, len(mean), bins + 1).round().astype(int)
 
@@ -134,8 +138,8 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
         off = off / len(docs)
         out["loss_memory_off"] = [float(v) for v in off]
         out["bin_loss_memory_off"] = binned(off)
-        out["segment_length"] = min(layer.config.segment_length for layer in model.layers
-                                    if getattr(layer, "has_compressive_memory", False))
+        out["segment_length"] = min(layer.memory_segment_length for layer in model.layers
+                                    if layer.has_compressive_memory)
     return out
 
 
@@ -151,11 +155,8 @@ def inference_speed(model, tokens: np.ndarray, context: int, batch_size: int, re
     device = next(model.parameters()).device
     n = min(batch_size, max(1, len(tokens) // context))
     ids = torch.as_tensor(np.asarray(tokens[:n * context]).astype(np.int64), device=device).view(n, -1)
-    model.eval()
-    held = getattr(model, "_memory", None)
-    model.reset_memory()
     times = []
-    try:
+    with model.memory_aside(train=False):
         for i in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -165,7 +166,5 @@ def inference_speed(model, tokens: np.ndarray, context: int, batch_size: int, re
                 torch.cuda.synchronize()
             if i:
                 times.append(time.perf_counter() - t0)
-    finally:
-        model.set_memory_state(held)
     sec = statistics.median(times)
     return {"tokens_per_s": ids.numel() / sec, "batch": n, "context": ids.shape[1], "seconds": sec}

@@ -125,12 +125,9 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
         pos = _get(r, "probes", "position") or {}
         gates = []
         for layer, g in (pos.get("gates") or {}).items():
-            hg = g.get("head_gate") or []
-            s = f"{layer} beta {min(hg):.2f}-{max(hg):.2f}" if hg else layer
-            tg = g.get("token_gate")
-            if tg:
-                s += f", e {tg['mean']:.2f}+-{tg['std']:.2f}"
-            gates.append(s)
+            parts = [f"{name} {min(v):.2f}-{max(v):.2f}" for name, v in g.get("gates", {}).items() if v]
+            parts += [f"{name} {t['mean']:.2f}+-{t['std']:.2f}" for name, t in g.get("token_gates", {}).items()]
+            gates.append(f"{layer} " + ", ".join(parts) if parts else layer)
         loss, seq = pos.get("loss") or [], data["seq_len"]
         off = pos.get("loss_memory_off")
         gain = None
@@ -144,7 +141,7 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
     out += [_table(["model", "passkey acc", "recall acc", f"loss at positions < {seq // 2}",
                     f"loss at {seq // 2}..{seq - 1}", f"loss at >= {seq} (past training length)",
                     "memory's gain: loss with memory off - on, after the first segment",
-                    "memory gates (sigmoid beta per head; per-token e)"], rows), ""]
+                    "gates: per-head range (memory = sigmoid beta); per-token mean+-std (expansion = e)"], rows), ""]
     pk = cfg.get("passkey", {})
     if pk.get("enabled"):
         out += [f"Passkey: lengths {pk['lengths']}, depths {pk['depths']}, {pk['n_per_cell']} prompts per cell, "
@@ -263,16 +260,17 @@ def plot_gates(models: dict[str, Any], path: Path) -> bool:
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
     for ax, (name, layer, g) in zip(axes[0], panels):
-        tg = g.get("token_gate")
-        if tg:
+        token = g.get("token_gates", {})
+        for j, (gate, tg) in enumerate(token.items()):
             n = len(tg["hist"])
             ax.bar([(i + 0.5) / n for i in range(n)], [c / max(tg["n"], 1) for c in tg["hist"]], width=1 / n,
-                   alpha=0.6, label="per-token e")
-        for k, v in enumerate(g.get("head_gate", [])):
-            ax.axvline(v, color="C3", lw=1, label="sigmoid(beta), per head" if k == 0 else None)
+                   alpha=0.6, color=f"C{j}", label=f"{gate}, per token")
+        for j, (gate, values) in enumerate(g.get("gates", {}).items()):
+            for k, v in enumerate(values):
+                ax.axvline(v, color=f"C{3 + j}", lw=1, label=f"{gate}, per head" if k == 0 else None)
         ax.set_xlim(0, 1)
         ax.set_xlabel("gate value")
-        ax.set_ylabel("fraction of tokens" if tg else "")
+        ax.set_ylabel("fraction of tokens" if token else "")
         ax.set_title(f"{name} {layer} ({g['type']})", fontsize=9)
         ax.legend(fontsize=7)
     _save(fig, path)

@@ -79,6 +79,8 @@ def shift_context(h: torch.Tensor, h_init: torch.Tensor) -> torch.Tensor:
 class ContextLM(TransformerLM):
     """TransformerLM with the h_{t-1} feedback (see the module docstring)."""
 
+    extra_state_types = (FeedbackState,)
+
     def __init__(self, config: ModelConfig):
         if config.context_feedback is None:
             raise NewLLMError("ContextLM: config.context_feedback is None (use TransformerLM for a plain model)")
@@ -99,6 +101,10 @@ class ContextLM(TransformerLM):
     def initial_context(self, batch_size: int) -> torch.Tensor:
         """h_{-1} for a batch: (B, d)."""
         return self.h_init[None].expand(batch_size, -1)
+
+    def init_state(self, batch_size: int):
+        """The layers' empty states followed by FeedbackState(h_{-1})."""
+        return (*super().init_state(batch_size), FeedbackState(self.initial_context(batch_size)))
 
     def check_state(self, state) -> None:
         """A raw state is the per-layer entries followed by one FeedbackState (used by the memory shell)."""

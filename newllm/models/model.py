@@ -71,6 +71,9 @@ def detach_state(state: State | None) -> State | None:
 class TransformerLM(nn.Module):
     """A language model whose layers are any registered layer types (see `newllm.models.layers`)."""
 
+    #: NamedTuple classes of the model-level state entries after the layers' (ContextLM: FeedbackState)
+    extra_state_types: tuple[type, ...] = ()
+
     def __init__(self, layers: Sequence[BaseLayer] | None = None, *, config: ModelConfig | None = None, **fields):
         super().__init__()
         if layers is not None and config is not None:
@@ -179,6 +182,12 @@ class TransformerLM(nn.Module):
             self._memory = held
             self.train(was_training)
 
+    def init_state(self, batch_size: int) -> State:
+        """The raw state of nothing seen (each layer's `init_state`): `model(x, state=init_state(B))`
+        equals `model(x)`."""
+        p = next(self.parameters())
+        return tuple(layer.init_state(batch_size, p.device, p.dtype) for layer in self.layers)
+
     def check_state(self, state: State | None) -> None:
         """Raise if a raw state tuple does not have one entry per layer (subclasses add entries)."""
         if state is not None and len(state) != len(self.layers):
@@ -209,16 +218,11 @@ class TransformerLM(nn.Module):
     def memory_size_bytes(self, state=None) -> list[int]:
         """Bytes per layer (then per model-level entry) of `state` (a ModelMemoryState or raw tuple;
         default the held memory), measured from its tensors. With nothing held: each layer's empty
-        state (`init_state` at batch 1: a memory layer's fixed memory, 0 for a KV cache)."""
+        state (`init_state` at batch 1: a memory layer's fixed memory, a KV cache's position counter)."""
         from newllm.models.state import ModelMemoryState, snapshot
 
         if state is None and self._memory is None:
-            p = next(self.parameters())
-            sizes = []
-            for layer in self.layers:
-                s = layer.init_state(1, p.device, p.dtype) if hasattr(layer, "init_state") else None
-                sizes.append(0 if s is None else sum(t.numel() * t.element_size() for t in s))
-            return sizes
+            return [0 if s is None else sum(t.numel() * t.element_size() for t in s) for s in self.init_state(1)]
         if state is None:
             state = self._memory
         if not isinstance(state, ModelMemoryState):

@@ -37,25 +37,21 @@ machine" use; its size does not grow with the tokens absorbed.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from newllm.config import DTYPE_NAMES
 from newllm.errors import NewLLMError
+from newllm.models.layers.base import check_state_fields
 
 FORMAT_NAME = "newllm.memory_state"
 FORMAT_VERSION = 1
 METADATA_KEY = "newllm"
-DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-               torch.float64: "float64", torch.int64: "int64", torch.int32: "int32", torch.bool: "bool",
-               torch.uint8: "uint8", torch.int8: "int8"}
-DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 MODEL_ENTRY = "model"  # layer_type of entries after the layers (model-level state)
 
 
@@ -120,15 +116,14 @@ class ModelMemoryState:
 
 
 # ---------------------------------------------------------------------------- from / to a model
+# Everything below reads only what layers declare (BaseLayer: state_type, state_spec,
+# tokens_absorbed, has_compressive_memory) and what the model declares (extra_state_types).
 def entry_tokens(layer, state) -> int | None:
-    """Tokens a layer's state has absorbed: the layer's own `tokens_absorbed`, or a KV cache's pos."""
-    if state is None:
+    """Tokens a layer's state has absorbed, as the layer tells (None for model-level entries)."""
+    if state is None or layer is None:
         return None
-    if layer is not None and hasattr(layer, "tokens_absorbed"):
-        return int(layer.tokens_absorbed(state))
-    if "pos" in getattr(state, "_fields", ()):
-        return int(state.pos)
-    return None
+    tokens = layer.tokens_absorbed(state)
+    return None if tokens is None else int(tokens)
 
 
 def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
@@ -137,7 +132,7 @@ def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
     entries, known = [], []
     for i, s in enumerate(raw):
         layer = layers[i] if i < len(layers) else None
-        compressive = bool(getattr(layer, "has_compressive_memory", False))
+        compressive = layer is not None and layer.has_compressive_memory
         layer_type = layer.layer_type if layer is not None else MODEL_ENTRY
         tokens = entry_tokens(layer, s)
         if tokens is not None:  # counted before compaction: the model absorbed them either way
@@ -145,7 +140,7 @@ def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
         if s is None or (compact and layer is not None and not compressive):
             entries.append(EntryState(i, layer_type, None, compressive=compressive))
             continue
-        if not hasattr(s, "_fields"):
+        if not isinstance(s, tuple) or not hasattr(type(s), "_fields"):
             raise NewLLMError(f"state entry {i} ({layer_type}) is a {type(s).__name__}, expected a NamedTuple "
                               "of tensors")
         entries.append(EntryState(i, layer_type, type(s).__name__, tuple(s._fields),
@@ -153,65 +148,34 @@ def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
     return ModelMemoryState(model.config.fingerprint(), entries, compact, max(known) if known else None)
 
 
-def state_class(model, name: str, fields: tuple[str, ...]):
-    """The NamedTuple class called `name` with these fields, looked up in the modules of the model's
-    layers and of the model; a plain namedtuple with the same fields when none is found."""
-    modules = {type(model).__module__, "newllm.models.layers.base", "newllm.models.ops.memory"}
-    modules |= {type(layer).__module__ for layer in model.layers}
-    for mod in modules:
-        cls = getattr(sys.modules.get(mod), name, None)
-        if isinstance(cls, type) and issubclass(cls, tuple) and tuple(getattr(cls, "_fields", ())) == fields:
-            return cls
-    return collections.namedtuple(name, fields)
-
-
-@torch.no_grad()
-def probe_state(layer, tokens: int):
-    """The state a layer produces from `tokens` zero inputs at batch 1 (its structure, not values)."""
-    p = next(layer.parameters(), None)
-    x = torch.zeros(1, tokens, layer.hidden_size, dtype=p.dtype if p is not None else None,
-                    device=p.device if p is not None else None)
-    return layer(x, None)[1]
+def entry_type(model, index: int):
+    """The state NamedTuple class of entry `index`: the layer's, or the model's extra entry's."""
+    layers = list(model.layers)
+    if index < len(layers):
+        return layers[index].state_type
+    extra = model.extra_state_types
+    return extra[index - len(layers)] if index - len(layers) < len(extra) else None
 
 
 def check_entry(model, layer, e: EntryState) -> None:
-    """Raise NewLLMError naming the first way `e` does not fit `layer` (type, fields, rank, shape).
-
-    The expected structure comes from the layer itself: the state it makes from 1 and from 2 zero
-    tokens. Dims that differ between the two (a KV cache's length, a partial segment) may have any
-    size; every other dim except the batch must match exactly.
-    """
+    """Raise NewLLMError naming the first way `e` does not fit `layer` (type, fields, rank, shape)."""
     where = f"memory state layer {e.index}"
     if e.layer_type != layer.layer_type:
         raise NewLLMError(f"{where}: state is for a {e.layer_type!r} layer, the model has {layer.layer_type!r}")
     if e.tensors is None:
         return
-    one, two = probe_state(layer, 1), probe_state(layer, 2)
-    if one is None:
+    cls = layer.state_type
+    if cls is None:
         raise NewLLMError(f"{where} ({e.layer_type}): the layer keeps no state, the file has {e.state_type}")
-    if type(one).__name__ != e.state_type or tuple(one._fields) != e.fields:
+    if cls.__name__ != e.state_type or tuple(cls._fields) != e.fields:
         raise NewLLMError(f"{where} ({e.layer_type}): state is {e.state_type}{list(e.fields)}, the layer makes "
-                          f"{type(one).__name__}{list(one._fields)}")
-    batch = None
-    for f, t, a, b in zip(e.fields, e.tensors, one, two):
-        if t.dim() != a.dim():
-            raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has shape {tuple(t.shape)}, the layer "
-                              f"expects {a.dim()} dims like {tuple(a.shape)}")
-        if t.dtype.is_floating_point != a.dtype.is_floating_point:
-            raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} is {t.dtype}, the layer uses {a.dtype}")
-        for dim in range(1, t.dim()):
-            if a.shape[dim] == b.shape[dim] and t.shape[dim] != a.shape[dim]:
-                raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has shape {tuple(t.shape)}, this "
-                                  f"model's layer needs size {a.shape[dim]} in dim {dim}")
-        if t.dim() >= 1:
-            if batch is not None and t.shape[0] != batch:
-                raise NewLLMError(f"{where} ({e.layer_type}): tensor {f!r} has batch {t.shape[0]}, others {batch}")
-            batch = t.shape[0]
+                          f"{cls.__name__}{list(cls._fields)}")
+    check_state_fields(f"{where} ({e.layer_type})", layer.state_spec(), cls(*e.tensors))
 
 
 def unpack(model, state: ModelMemoryState) -> tuple:
     """Validate `state` against `model` and return the raw per-entry tuple, on the model's device
-    and in its dtypes (floating tensors are cast to the dtype the layer itself uses)."""
+    and in its dtypes (floating tensors are cast to the dtype the layer declares, or the model's)."""
     if not isinstance(state, ModelMemoryState):
         raise NewLLMError(f"expected a ModelMemoryState, got {type(state).__name__}")
     if state.format != FORMAT_NAME or state.version != FORMAT_VERSION:
@@ -237,12 +201,17 @@ def unpack(model, state: ModelMemoryState) -> tuple:
         if e.tensors is None:
             raw.append(None)
             continue
-        ref = probe_state(layers[i], 1) if i < len(layers) else None
+        cls = entry_type(model, i)
+        if cls is None or cls.__name__ != e.state_type or tuple(cls._fields) != e.fields:
+            raise NewLLMError(f"memory state entry {i}: {e.state_type}{list(e.fields)} is not a state this model "
+                              "makes")
+        spec = layers[i].state_spec() if i < len(layers) else {}
         tensors = []
-        for j, t in enumerate(e.tensors):
-            dtype = ref[j].dtype if ref is not None and t.dtype.is_floating_point else t.dtype
+        for f, t in zip(e.fields, e.tensors):
+            declared = spec[f].dtype if f in spec else None
+            dtype = (declared or p.dtype) if t.dtype.is_floating_point else t.dtype
             tensors.append(t.to(device=p.device, dtype=dtype))
-        raw.append(state_class(model, e.state_type, e.fields)(*tensors))
+        raw.append(cls(*tensors))
     return tuple(raw)
 
 

@@ -276,14 +276,14 @@ class Trainer:
             bar.close()
 
     def gate_stats(self) -> dict[str, float]:
-        """mean/min/max of every layer's `gate_values()` (memory gates), keyed `gate.L{i}.mean` etc."""
+        """mean/min/max of every gate a layer declares (`BaseLayer.gates()`), keyed
+        `gate.L{i}.{name}.mean` etc. (`gate.L0.memory.mean`: sigmoid(beta) of layer 0)."""
         out = {}
-        for i, layer in enumerate(getattr(self.model, "layers", [])):
-            fn = getattr(layer, "gate_values", None)
-            if callable(fn):
-                g = fn().detach().float()
-                out.update({f"gate.L{i}.mean": float(g.mean()), f"gate.L{i}.min": float(g.min()),
-                            f"gate.L{i}.max": float(g.max())})
+        for i, layer in enumerate(self.model.layers):
+            for name, g in layer.gates().items():
+                g = g.detach().float()
+                out.update({f"gate.L{i}.{name}.mean": float(g.mean()), f"gate.L{i}.{name}.min": float(g.min()),
+                            f"gate.L{i}.{name}.max": float(g.max())})
         return out
 
     # ------------------------------------------------------------------ evaluation

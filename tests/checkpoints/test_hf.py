@@ -183,7 +183,7 @@ def test_name_mapping_round_trips(tmp_path):
             ours = hf_to_ours(name, model_type)
             assert ours is not None and ours_to_hf(ours, model_type) == name
     assert hf_to_ours("lm_head.weight", "gpt_neox") == "lm_head.weight"  # transformers 5's in-memory name
-    assert hf_to_ours("layers.0.attention.dense.bias", "gpt_neox") == "layers.0.dense.bias"  # bare base model
+    assert hf_to_ours("layers.0.attention.dense.bias", "gpt_neox") == "layers.0.attention.dense.bias"  # bare base model
 
 
 # ------------------------------------------------------------------ generation

@@ -86,8 +86,11 @@ def test_end_to_end_writes_results_report_and_plots(finished):
     # the memory presets report their gates; hierarchical also its per-token expansion gate
     gates = {n: r["probes"]["position"]["gates"] for n, r in on_disk["models"].items()}
     assert gates["pythia"] == {}
-    assert list(gates["infini"]) == ["L0"] and len(gates["infini"]["L0"]["head_gate"]) == 4
-    tg = gates["hierarchical"]["L0"]["token_gate"]
+    for name in ("infini", "multi_memory", "hierarchical"):  # the layers' declared gates, nothing guessed
+        assert list(gates[name]) == ["L0"] and len(gates[name]["L0"]["gates"]["memory"]) == 4, name
+        assert all(0.0 < g < 1.0 for g in gates[name]["L0"]["gates"]["memory"]), name
+    assert gates["infini"]["L0"]["token_gates"] == gates["multi_memory"]["L0"]["token_gates"] == {}
+    tg = gates["hierarchical"]["L0"]["token_gates"]["expansion"]
     assert tg["n"] == sum(tg["hist"]) > 0 and 0.0 < tg["mean"] < 1.0
     # a memory layer's state does not grow with the text; the KV caches of pythia do
     sizes = {n: r["probes"]["position"]["state_bytes"]["per_entry"] for n, r in on_disk["models"].items()}

@@ -37,7 +37,7 @@ def test_gate_closed_is_infini_and_open_is_multi_memory(delta):
     copy_into(multi, h)
     with torch.no_grad():
         for bias, ref in ((-40.0, infini), (40.0, multi)):
-            h.expansion.bias.fill_(bias)
+            h.mixer.memory.expansion.bias.fill_(bias)
             y, s = h(X)
             y_ref, s_ref = ref(X)
             torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=0)
@@ -57,7 +57,7 @@ def test_gate_is_continuous_and_trained():
     with torch.no_grad():
         outs = []
         for b in (0.0, 1e-3):
-            h.expansion.bias.fill_(b)
+            h.mixer.memory.expansion.bias.fill_(b)
             outs.append(h(X)[0])
     d = (outs[1] - outs[0]).abs().max()
     assert 0 < d < 1e-3  # a tiny gate change makes a tiny (nonzero) output change: no step
@@ -77,16 +77,16 @@ def test_threshold_only_for_generation():
         with expansion_threshold(model, 0.5):
             hard = model(ids).logits
             gen = model.generate(ids, max_new_tokens=3)
-        assert model.layers[0].threshold is None  # switched off on leaving the block
+        assert model.layers[0].mixer.memory.threshold is None  # switched off on leaving the block
         torch.testing.assert_close(model(ids).logits, soft, atol=0, rtol=0)
     assert gen.shape == (1, 15)
     # 0.574 >= 0.5: the hard gate expands fully, i.e. equals the open gate
     with torch.no_grad():
-        model.layers[0].expansion.bias.fill_(40.0)
+        model.layers[0].mixer.memory.expansion.bias.fill_(40.0)
         torch.testing.assert_close(hard, model(ids).logits, atol=1e-5, rtol=0)
     assert (hard - soft).abs().max() > 1e-5
     h = layer()
-    h.threshold = 0.5
+    h.mixer.memory.threshold = 0.5
     with pytest.raises(NewLLMError, match="generation only"):
         h.train()(X)
 
@@ -95,7 +95,7 @@ def test_threshold_only_for_generation():
 def test_one_call_equals_any_split(cuts):
     h = layer()
     with torch.no_grad():
-        h.expansion.weight.normal_(std=0.5)  # a token-dependent gate
+        h.mixer.memory.expansion.weight.normal_(std=0.5)  # a token-dependent gate
         full, s_full = h(X)
         state, outs = None, []
         for a, b in zip([0, *cuts], [*cuts, 23]):
@@ -115,4 +115,4 @@ def test_preset_options():
     s = m.layers[0].init_state(1)
     assert s.memory.shape == (1, 4, 1, 32, 32) and s.coarse_memory.shape == (1, 1, 32, 32)
     assert HierarchicalLayer.has_compressive_memory
-    torch.testing.assert_close(m.layers[0].gate_values(), torch.full((4,), 0.5))
+    torch.testing.assert_close(m.layers[0].gates()['memory'], torch.full((4,), 0.5))

@@ -40,7 +40,7 @@ def make_layer(**options) -> InfiniLayer:
     torch.manual_seed(0)
     layer = InfiniLayer(**SIZES, **options).eval()
     with torch.no_grad():  # larger weights than the init so that the memory read is far from uniform
-        layer.query_key_value.weight.mul_(20)
+        layer.mixer.query_key_value.weight.mul_(20)
     return layer
 
 
@@ -108,7 +108,7 @@ def test_gradients_equal_for_one_call_and_pieces_and_reach_the_initial_state():
                            *s0[2:])
         y, s = run_pieces(layer, x[:, 13:], cuts, init)
         (y.square().mean() + s.memory.mean()).backward()
-        grads.append([layer.query_key_value.weight.grad.clone(), layer.beta.grad.clone(), init.memory.grad,
+        grads.append([layer.mixer.query_key_value.weight.grad.clone(), layer.mixer.beta.grad.clone(), init.memory.grad,
                       init.norm.grad])
     for a, b in zip(*grads):
         assert a.abs().amax() > 0
@@ -120,8 +120,8 @@ def test_constructor_forms_gate_and_spec():
     b = InfiniLayer(hidden_size=512, num_heads=8, intermediate_size=2048)
     assert a.config == b.config == InfiniLayerConfig()
     assert a.config.memory_dim == 512 and a.config.memory_heads == 1 and a.has_compressive_memory
-    assert torch.equal(a.gate_values(), torch.full((8,), 0.5))
-    assert a.param_groups() == {"gates": [a.beta]}
+    assert torch.equal(a.gates()['memory'], torch.full((8,), 0.5))
+    assert a.param_groups() == {"gates": [a.mixer.beta]}
     layer, x = make_layer(**CONFIGS["linear-delta"]), data()
     rebuilt = build_layer(layer.spec())
     rebuilt.load_state_dict(layer.state_dict())
@@ -147,7 +147,7 @@ def test_bad_state_is_one_line_error():
         _, s = layer(x[:, :5])
         with pytest.raises(NewLLMError, match=r"state segment_k \(2, 5, 32\) / segment_v \(2, 6, 32\)"):
             layer(x, s._replace(segment_v=torch.zeros(2, 6, 32)))
-        with pytest.raises(NewLLMError, match="does not fit"):
+        with pytest.raises(NewLLMError, match="tensor 'memory' has shape .* needs size 2 in dim 2"):
             make_layer(segment_length=8, memory_head_dim=16)(x, s)
 
 

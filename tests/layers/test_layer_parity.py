@@ -18,9 +18,6 @@ from newllm.models.layers import LlamaLayer, PythiaLayer
 B, T, T0 = 2, 23, 9  # batch, tokens, prefix length of the cache test
 FWD_ATOL, GRAD_ATOL = 1e-5, 1e-4
 
-NEOX_NAMES = {"attention.query_key_value": "query_key_value", "attention.dense": "dense",
-              "mlp.dense_h_to_4h": "dense_h_to_4h", "mlp.dense_4h_to_h": "dense_4h_to_h"}
-LLAMA_NAMES = {"self_attn.": "", "mlp.": ""}
 
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
@@ -31,13 +28,9 @@ def randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise)
 
 
-def copy_weights(ref: torch.nn.Module, ours: torch.nn.Module, names: dict[str, str]) -> None:
-    sd = {}
-    for k, v in ref.state_dict().items():
-        for a, b in names.items():
-            k = k.replace(a, b)
-        sd[k] = v
-    ours.load_state_dict(sd, strict=True)
+def copy_weights(ref: torch.nn.Module, ours: torch.nn.Module) -> None:
+    """Our layers carry transformers' parameter names: the state dict loads as it is."""
+    ours.load_state_dict(ref.state_dict(), strict=True)
 
 
 def neox_pair(rotary_pct: float, parallel: bool):
@@ -49,7 +42,7 @@ def neox_pair(rotary_pct: float, parallel: bool):
     randomise(ref, 0)
     ours = PythiaLayer(64, 4, 96, rotary_pct=rotary_pct, rotary_emb_base=1000.0, use_parallel_residual=parallel,
                        layer_norm_eps=1e-4).eval()
-    copy_weights(ref, ours, NEOX_NAMES)
+    copy_weights(ref, ours)
     rope = GPTNeoXRotaryEmbedding(cfg)
 
     def run_ref(x, positions, mask=None, cache=None):
@@ -68,7 +61,7 @@ def llama_pair(gqa: bool, bias: bool = False):
     randomise(ref, 1)
     ours = LlamaLayer(64, 4, 80, num_key_value_heads=2 if gqa else 4, rope_theta=500.0, rms_norm_eps=1e-4,
                       attention_bias=bias, mlp_bias=bias).eval()
-    copy_weights(ref, ours, LLAMA_NAMES)
+    copy_weights(ref, ours)
     rope = LlamaRotaryEmbedding(cfg)
 
     def run_ref(x, positions, mask=None, cache=None):

@@ -155,10 +155,10 @@ def test_memory_carries_across_segments_only_when_on():
 
 def test_gates_and_param_groups():
     layer = tiny_layer(gate_init=1.5, route_scale_init=2.0)
-    torch.testing.assert_close(layer.gate_values(), torch.sigmoid(torch.full((4,), 1.5)))
-    torch.testing.assert_close(layer.route_scale.detach(), torch.full((1,), 2.0))
+    torch.testing.assert_close(layer.gates()['memory'], torch.sigmoid(torch.full((4,), 1.5)))
+    torch.testing.assert_close(layer.mixer.memory.route_log_scale.exp().detach(), torch.full((1,), 2.0))
     groups = layer.param_groups()["gates"]
-    assert [id(p) for p in groups] == [id(layer.beta), id(layer.route_log_scale)]
+    assert [id(p) for p in groups] == [id(layer.mixer.beta), id(layer.mixer.memory.route_log_scale)]
     assert MultiMemoryLayer.has_compressive_memory
 
 
@@ -170,8 +170,8 @@ def test_preset_options_and_bad_config():
     assert m.layers[0].init_state(1).memory.shape == (1, 8, 1, 32, 32)
     with pytest.raises(NewLLMError, match="num_memories must be > 0"):
         MultiMemoryLayer(32, 4, 64, num_memories=0)
-    with pytest.raises(NewLLMError, match="use num_memories"):
-        MultiMemoryLayer(32, 4, 64, num_memory_banks=2)
+    with pytest.raises(NewLLMError, match=r"unknown option\(s\) \['num_memory_banks'\]"):
+        MultiMemoryLayer(32, 4, 64, num_memory_banks=2)  # banks are InfiniLayer's; memories are num_memories
 
 
 def test_seed_custom_stack_runs_as_written():

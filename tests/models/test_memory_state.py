@@ -189,8 +189,8 @@ def test_memory_size_bytes_matches_tensors(name):
     model = tiny(name)
     d, S, M = 32, 16, 3
     fixed = {"infini": d * (d + 1) * 4 + 16, "multi_memory": M * d * (d + 2) * 4 + 16,
-             "hierarchical": (M * d * (d + 2) + d * (d + 1)) * 4 + 16, "pythia": 0}[name]
-    assert model.memory_size_bytes() == [fixed, 0, 0]  # nothing held: each layer's empty state
+             "hierarchical": (M * d * (d + 2) + d * (d + 1)) * 4 + 16, "pythia": 8}[name]
+    assert model.memory_size_bytes() == [fixed, 8, 8]  # nothing held: each layer's empty state (KV: its position)
     with torch.no_grad():
         model(torch.randint(0, 50304, (2, 21)), update_memory=True)
     held = model._memory

@@ -54,7 +54,7 @@ def test_param_groups_split_decay_and_gates(make_model):
     model = infini_model(make_model)
     groups = {g["name"]: g for g in build_param_groups(model, 1e-3, 0.1, {"gates": {"lr": 5e-2}})}
     assert set(groups) == {"decay", "no_decay", "gates"}
-    beta = model.layers[0].beta
+    beta = model.layers[0].mixer.beta
     assert [id(p) for p in groups["gates"]["params"]] == [id(beta)]
     assert groups["gates"]["lr"] == 5e-2 and groups["gates"]["weight_decay"] == 0.0
     assert groups["decay"]["weight_decay"] == 0.1 and groups["no_decay"]["weight_decay"] == 0.0
@@ -86,18 +86,18 @@ def test_gate_group_trains_with_its_own_lr_and_gates_are_logged(shakespeare, mak
     cfg = make_cfg(warmup_steps=0, max_steps=2, lr=1e-3, min_lr=1e-3, weight_decay=0.5,
                    param_groups={"gates": {"lr": 0.1}})
     model = infini_model(make_model)
-    beta0 = model.layers[0].beta.detach().clone()
+    beta0 = model.layers[0].mixer.beta.detach().clone()
     t = Trainer(cfg, model, shakespeare[1][:2000])
     t.run(tensorboard=False)
     by_name = {g["name"]: g for g in t.optimizer.param_groups}
     assert by_name["gates"]["lr"] == pytest.approx(0.1, rel=1e-12)
     assert by_name["decay"]["lr"] == pytest.approx(1e-3, rel=1e-12)
     # Adam's first steps move each weight by about lr: beta moves ~0.1 per step, not ~1e-3
-    moved = (model.layers[0].beta.detach() - beta0).abs()
+    moved = (model.layers[0].mixer.beta.detach() - beta0).abs()
     assert bool((moved > 0.05).all()) and bool((moved < 0.25).all())
     rec = [r for r in t.metrics.records if r["kind"] == "train"][-1]
-    g = torch.sigmoid(model.layers[0].beta.detach())
-    assert rec["gate.L0.mean"] == pytest.approx(float(g.mean()), abs=1e-6)
-    assert rec["gate.L0.min"] == pytest.approx(float(g.min()), abs=1e-6)
-    assert rec["gate.L0.max"] == pytest.approx(float(g.max()), abs=1e-6)
-    assert "gate.L1.mean" not in rec  # Pythia layers have no gates
+    g = torch.sigmoid(model.layers[0].mixer.beta.detach())
+    assert rec["gate.L0.memory.mean"] == pytest.approx(float(g.mean()), abs=1e-6)
+    assert rec["gate.L0.memory.min"] == pytest.approx(float(g.min()), abs=1e-6)
+    assert rec["gate.L0.memory.max"] == pytest.approx(float(g.max()), abs=1e-6)
+    assert not any(k.startswith("gate.L1.") for k in rec)  # Pythia layers have no gates

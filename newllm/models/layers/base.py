@@ -1,4 +1,4 @@
-"""The layer contract and the registry of layer types.
+"""The layer contract, the capabilities every layer declares, and the registry of layer types.
 
 Contract (DESIGN.md section 3)::
 
@@ -7,12 +7,29 @@ Contract (DESIGN.md section 3)::
 * `state` is a NamedTuple of tensors (or None for "nothing seen yet"); it is never mutated in
   place, so two models never share hidden state and gradients may flow into an initial state.
 * Running a sequence in one call equals running it in pieces with the state carried.
-* Convention for state tensors: a tensor with ndim >= 1 has the batch on dim 0; counters
-  (positions, tokens absorbed) are 0-dim tensors. That convention lets the model shell broadcast a
-  state taken at batch size 1 to any batch size and save any state with safetensors.
+* State tensors: a tensor with ndim >= 1 has the batch on dim 0; counters (positions, tokens
+  absorbed) are 0-dim tensors. That lets the model shell broadcast a state taken at batch size 1
+  to any batch size and save any state with safetensors.
 
-Adding a layer type: write one file with a `BaseLayer` subclass and a config dataclass, decorate
-the class with `@register_layer("name")`, and import the file in `layers/__init__.py`.
+Declared capabilities. What the rest of newllm may ask of a layer is declared here, with defaults,
+and read only through these names (never found by `hasattr` or by probing with forward passes):
+
+    state_type / state_spec()      the state's NamedTuple class and its fields' shapes and dtypes
+    init_state(B) / check_state()  the empty state, and the one-line check of a given state
+    tokens_absorbed(state)         how many tokens a state has absorbed (None: the layer cannot tell)
+    has_compressive_memory         a fixed-size memory that a compact state file keeps
+    memory_enabled                 the memory on/off switch (the memory-off ablation)
+    gates() / token_gates()        gates to report: per-head values, and modules whose output is a
+                                   per-token gate in [0, 1] (recorded with forward hooks)
+    memory_segment_length          tokens per memory segment (None without a memory)
+    uses_positions                 whether outputs depend on absolute positions (RoPE)
+    param_groups()                 parameters that want their own optimizer group (memory gates)
+    tiny_config()                  a small config that exercises the layer, for tests
+
+Adding a layer type: write a `BaseLayer` subclass with a config dataclass, decorate it with
+`@register_layer("name")`, and import the module before building the model (for newllm's own
+types, `layers/__init__.py` does). The conformance suite (`tests/models/test_conformance.py`)
+runs over every registered type; `docs/architecture.md` walks through a toy example.
 """
 from __future__ import annotations
 
@@ -50,26 +67,59 @@ def build_layer(spec: dict[str, Any]) -> "BaseLayer":
     return cls.from_config(cls.config_class(**spec))
 
 
-class KVCache(NamedTuple):
-    """State of a softmax-attention layer: keys/values seen so far and the next position.
+class StateField(NamedTuple):
+    """One tensor of a layer's state, as `state_spec()` declares it."""
 
-    k, v: (B, hkv, Tc, Dh), already rotated (RoPE applied) so they are reused as they are;
-    pos: 0-dim int64 tensor, the absolute position of the next token. With a sliding window W only
-    the last W-1 keys are kept (all a future query can see).
-    """
+    shape: tuple[int | None, ...]  # after the batch dim; None: a dim that grows with the stream
+    dtype: torch.dtype | None = None  # None: the dtype the layer computes in
+    batched: bool = True  # False: a 0-dim counter shared by the batch (shape must be ())
 
-    k: torch.Tensor
-    v: torch.Tensor
-    pos: torch.Tensor
+
+def empty_state(state_type, spec: dict[str, StateField], batch_size: int, device=None, dtype=None):
+    """The state of nothing seen: zeros, every growing dim of length 0, counters 0."""
+    dtype = dtype or torch.get_default_dtype()
+    tensors = []
+    for f in spec.values():
+        shape = ((batch_size,) if f.batched else ()) + tuple(0 if n is None else n for n in f.shape)
+        tensors.append(torch.zeros(shape, dtype=f.dtype or dtype, device=device))
+    return state_type(*tensors)
+
+
+def check_state_fields(where: str, spec: dict[str, StateField], state, batch_size: int | None = None) -> None:
+    """Raise a one-line NewLLMError naming the first tensor of `state` that does not fit `spec`:
+    field names, rank, floating vs integer, every fixed dim, one batch size for all."""
+    fields = tuple(getattr(state, "_fields", ()))
+    if fields != tuple(spec):
+        raise NewLLMError(f"{where}: state has fields {list(fields)}, the layer's state has {list(spec)}")
+    batch = batch_size
+    for (name, f), t in zip(spec.items(), state):
+        want = ("batch",) * f.batched + tuple("any" if n is None else n for n in f.shape)
+        if not isinstance(t, torch.Tensor) or t.dim() != len(want):
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise NewLLMError(f"{where}: tensor {name!r} has shape {got}, the layer expects {len(want)} dims "
+                              f"({', '.join(map(str, want))})")
+        if t.dtype.is_floating_point != (f.dtype or torch.float32).is_floating_point:
+            raise NewLLMError(f"{where}: tensor {name!r} is {t.dtype}, the layer keeps "
+                              f"{'a floating' if (f.dtype or torch.float32).is_floating_point else 'an integer'} tensor")
+        for dim, n in enumerate(f.shape, start=int(f.batched)):
+            if n is not None and t.shape[dim] != n:
+                raise NewLLMError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, this model's layer needs "
+                                  f"size {n} in dim {dim}")
+        if f.batched:
+            if batch is not None and t.shape[0] != batch:
+                raise NewLLMError(f"{where}: tensor {name!r} has batch size {t.shape[0]}, expected {batch}")
+            batch = t.shape[0]
 
 
 class BaseLayer(nn.Module):
-    """Base class of every layer type; see the module docstring for the contract."""
+    """Base class of every layer type: the contract and the declared capabilities (module doc)."""
 
     layer_type: ClassVar[str] = "base"
     config_class: ClassVar[type] = object
-    #: True for layers whose state is a compressive memory (exported by `compact` memory states)
+    #: True for layers whose state is a fixed-size compressive memory (kept by compact state files)
     has_compressive_memory: ClassVar[bool] = False
+    #: the NamedTuple class of the state; None for a layer that keeps no state
+    state_type: ClassVar[type | None] = None
 
     def __init__(self, config):
         super().__init__()
@@ -79,6 +129,14 @@ class BaseLayer(nn.Module):
     def from_config(cls, config) -> "BaseLayer":
         return cls(config=config)
 
+    @classmethod
+    def tiny_config(cls):
+        """A small config for tests: the sizes below for whichever of these fields the config has.
+        Layer types with options worth exercising (segments, banks, GQA) override it."""
+        small = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
+        names = {f.name for f in dataclasses.fields(cls.config_class)}
+        return cls.config_class(**{k: v for k, v in small.items() if k in names})
+
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
@@ -87,8 +145,54 @@ class BaseLayer(nn.Module):
         """JSON-able description `{"type": ..., **config}`; `build_layer(spec)` rebuilds the layer."""
         return {"type": self.layer_type, **dataclasses.asdict(self.config)}
 
-    def forward(self, x: torch.Tensor, state=None):  # pragma: no cover - abstract
-        raise NotImplementedError
+    def forward(self, x: torch.Tensor, state=None):  # pragma: no cover - every layer type defines it
+        raise NotImplementedError(f"{type(self).__name__} defines no forward")
+
+    # ------------------------------------------------------------------ state
+    def state_spec(self) -> dict[str, StateField]:
+        """Field name -> StateField of the state NamedTuple (empty for a stateless layer)."""
+        return {}
+
+    def init_state(self, batch_size: int, device=None, dtype=None):
+        """The state of nothing seen (None for a stateless layer); `model(x)` with no state equals
+        `model(x, state=init_state)`."""
+        if self.state_type is None:
+            return None
+        return empty_state(self.state_type, self.state_spec(), batch_size, device, dtype)
+
+    def check_state(self, state, batch_size: int | None = None) -> None:
+        """Raise a one-line NewLLMError if `state` does not fit this layer (see check_state_fields)."""
+        if self.state_type is None:
+            raise NewLLMError(f"{type(self).__name__} keeps no state, got a {type(state).__name__}")
+        check_state_fields(type(self).__name__, self.state_spec(), state, batch_size)
+
+    def tokens_absorbed(self, state) -> int | None:
+        return None
+
+    # ------------------------------------------------------------------ memory
+    @property
+    def memory_enabled(self) -> bool:
+        return False
+
+    @memory_enabled.setter
+    def memory_enabled(self, enabled: bool) -> None:
+        raise NewLLMError(f"{type(self).__name__} has no memory to switch {'on' if enabled else 'off'}")
+
+    @property
+    def memory_segment_length(self) -> int | None:
+        return None
+
+    def gates(self) -> dict[str, torch.Tensor]:
+        """Gate values to report (detached, fp32), e.g. {"memory": sigmoid(beta) per head}."""
+        return {}
+
+    def token_gates(self) -> dict[str, nn.Module]:
+        """Modules whose forward output is a per-token gate in [0, 1], by name."""
+        return {}
+
+    @property
+    def uses_positions(self) -> bool:
+        return False
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters that want their own optimizer group (e.g. memory gates), by group name."""
@@ -97,9 +201,11 @@ class BaseLayer(nn.Module):
 
 #: short names accepted wherever a config field is (the seed writes `PythiaLayer(512, num_heads=8)`)
 ALIASES = {"num_heads": "num_attention_heads", "d_model": "hidden_size"}
+#: what the seed's constructors take positionally: `InfiniLayer(512, 8, 2048)`
+POSITIONAL = ("hidden_size", "num_attention_heads", "intermediate_size")
 
 
-def resolve_config(config_class, config, args: tuple, kwargs: dict, positional: tuple[str, ...]):
+def resolve_config(config_class, config, args: tuple, kwargs: dict, positional: tuple[str, ...] = POSITIONAL):
     """Shared constructor logic: `Layer(config=cfg)` or `Layer(512, 8, 2048, option=...)`."""
     if config is not None:
         if args or kwargs:
@@ -124,23 +230,3 @@ def check_positive(owner: str, **values) -> None:
     for key, value in values.items():
         if value is None or value <= 0:
             raise NewLLMError(f"{owner}: {key} must be > 0, got {value}")
-
-
-def extend_kv_cache(
-    state: KVCache | None, k: torch.Tensor, v: torch.Tensor, window: int | None
-) -> tuple[torch.Tensor, torch.Tensor, int, KVCache]:
-    """Prepend the cache to this call's k/v. Returns (k_all, v_all, k_start, new_state)."""
-    if state is None:
-        k_all, v_all, start = k, v, 0
-    else:
-        k_all = torch.cat((state.k.to(k.dtype), k), dim=-2)
-        v_all = torch.cat((state.v.to(v.dtype), v), dim=-2)
-        start = int(state.pos) - state.k.shape[-2]
-    pos = start + k_all.shape[-2]
-    keep_k, keep_v = k_all, v_all
-    if window is not None:
-        keep = max(window - 1, 0)
-        keep_k = k_all[..., k_all.shape[-2] - min(keep, k_all.shape[-2]):, :]
-        keep_v = v_all[..., v_all.shape[-2] - keep_k.shape[-2]:, :]
-    new_state = KVCache(keep_k, keep_v, torch.tensor(pos, dtype=torch.long))
-    return k_all, v_all, start, new_state

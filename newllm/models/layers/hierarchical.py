@@ -1,29 +1,30 @@
 """HierarchicalLayer: a coarse memory of the whole stream plus fine memories, read coarse-to-fine.
 
-The block is InfiniLayer's (projections, local attention, gate beta, MLP, parallel residual; see
-`infini.py`). The memory has two levels::
+The block and mixer are InfiniLayer's (`blocks.Block`, `memory.MemoryMixer`: projections, local
+attention, gate beta, MLP, residual; `block="neox"` or `"llama"`). This file is the memory, two
+levels read in one scan (`ops.memory_mix.coarse_to_fine_scan`)::
 
-    coarse: one Infini memory that absorbs EVERY segment (memory_scan, 1 bank): the summary of all
-            that the fine memories hold, between them
+    coarse: one Infini memory that absorbs EVERY segment (eq. 3 read, eq. 4/5 write): the summary
+            of all that the fine memories hold, between them
     fine:   M memories written round-robin (segment n -> memory n % M), read as the
-            attention-weighted mix of MultiMemoryLayer (ops/memory_mix.py)
+            attention-weighted mix of MultiMemoryLayer ((M1)-(M4) in ops/memory_mix.py)
 
-    A_coarse = phi(q) Mc / (phi(q) zc + eps)
-    A_fine   = sum_m softmax_m(rho * q . kbar_m / sqrt(Dm)) * phi(q) M_m / (phi(q) z_m + eps)
-    e        = sigmoid(w_e . ln1(x) + b_e)              expansion gate, per token and memory head
-    A_mem    = A_coarse + e * (A_fine - A_coarse)       coarse first, then "expand" into the fine level
-    A        = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local
+    (H1) A_coarse = phi(q) Mc / (phi(q) zc + eps)
+    (H2) A_fine   = sum_m softmax_m(rho * q . kbar_m / sqrt(Dm)) * phi(q) M_m / (phi(q) z_m + eps)
+    (H3) e        = sigmoid(w_e . norm1(x) + b_e)          expansion gate, per token and memory head
+    (H4) A_mem    = A_coarse + e * (A_fine - A_coarse)     coarse first, then "expand" into the fine level
+         A        = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local                 (eq. 6)
 
 Why these choices:
 * The coarse memory is written directly (not rebuilt from the fine ones) so that it is a complete
   Infini memory of the stream on its own: under the delta rule a sum of fine memories is not the
   memory of the whole stream, and a direct write costs one more (Dm x Dm) matmul per segment.
-* The expansion gate is CONTINUOUS and computed from the token itself (ln1(x), the input of q/k/v),
-  so the model learns which tokens need the detail of the fine level; every token contributes a
-  gradient to both levels. A discrete decision in training makes the loss depend on which tokens
-  were skipped (seed 001's training-evaluation-consistency lesson), so training and evaluation
-  always use e as it is. The gate starts at sigmoid(`expansion_gate_init`) for every token (weights
-  zero), an even coarse/fine mix by default.
+* The expansion gate is CONTINUOUS and computed from the token itself (norm1(x), the input of
+  q/k/v), so the model learns which tokens need the detail of the fine level; every token
+  contributes a gradient to both levels. A discrete decision in training makes the loss depend on
+  which tokens were skipped (seed 001's training-evaluation-consistency lesson), so training and
+  evaluation always use e as it is. The gate starts at sigmoid(`expansion_gate_init`) for every
+  token (weights zero), an even coarse/fine mix by default.
 * A threshold exists only for generation, as an explicit switch: `expansion_threshold(model, tau)`
   (a context manager) makes e = 1[e >= tau] while decoding; it refuses a model in training mode.
 
@@ -41,9 +42,11 @@ import torch
 from torch import nn
 
 from newllm.errors import NewLLMError
-from newllm.models.layers.base import register_layer, resolve_config
-from newllm.models.layers.multi_memory import MixtureLayerBase, MultiMemoryLayerConfig
-from newllm.models.ops.memory import MemoryState, memory_scan
+from newllm.models.layers.base import StateField, register_layer
+from newllm.models.layers.memory import MemoryLayer, MemoryPart
+from newllm.models.layers.multi_memory import MultiMemoryLayerConfig, mixture_fields, route_log_scale
+from newllm.models.ops.memory import MemoryState
+from newllm.models.ops.memory_mix import MixtureState, coarse_to_fine_scan
 
 
 @dataclass
@@ -59,47 +62,55 @@ class HierarchicalState(NamedTuple):
     key_sum: torch.Tensor  # (B, M, Hm, Dm) fp32
     coarse_memory: torch.Tensor  # (B, Hm, Dm, Dm) fp32
     coarse_norm: torch.Tensor  # (B, Hm, Dm) fp32
-    segment_k: torch.Tensor  # (B, P, d), P < S
-    segment_v: torch.Tensor  # (B, P, d)
+    segment_k: torch.Tensor  # (B, P, hkv * Dh), P < S
+    segment_v: torch.Tensor  # (B, P, hkv * Dh)
     segments: torch.Tensor  # () int64: completed segments (written to the coarse and one fine memory)
     skipped: torch.Tensor  # () int64: memory updates skipped for NaN/Inf (fine and coarse together)
 
 
-@register_layer("hierarchical")
-class HierarchicalLayer(MixtureLayerBase):
-    config_class = HierarchicalLayerConfig
-    has_compressive_memory = True
+class ExpansionGate(nn.Linear):
+    """(H3) e = sigmoid(w_e . x + b_e): (B, T, d) -> (B, T, Hm) in fp32, the per-token gate the
+    experiment records (its output, through a forward hook)."""
 
-    def __init__(self, *args, config: HierarchicalLayerConfig | None = None, **kwargs):
-        config = resolve_config(HierarchicalLayerConfig, config, args, kwargs,
-                                ("hidden_size", "num_attention_heads", "intermediate_size"))
-        super().__init__(config)
-        self.expansion = nn.Linear(config.hidden_size, config.memory_heads)  # w_e, b_e
-        nn.init.zeros_(self.expansion.weight)
-        nn.init.constant_(self.expansion.bias, config.expansion_gate_init)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(super().forward(x).float())
+
+
+class CoarseToFinePart(MemoryPart):
+    """Fine memories (MultiMemoryLayer's fields and rho, under the same names) + a coarse memory +
+    the expansion gate."""
+
+    def __init__(self, config: HierarchicalLayerConfig):
+        super().__init__()
+        self.config = config
+        self.route_log_scale = route_log_scale(config)
+        # built without drawing random numbers; init_parameters draws nn.Linear's own initialisation
+        # after the block's, where this layer drew it before layers became blocks and mixers, so a
+        # seed gives the same weights (the reference test checks it), and then sets w_e = 0, b_e = init
+        self.expansion = nn.utils.skip_init(ExpansionGate, config.hidden_size, config.memory_heads)
         #: generation-only hard threshold on e (None: the continuous gate); see expansion_threshold()
         self.threshold: float | None = None
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"gates": [self.beta, self.route_log_scale, self.expansion.weight, self.expansion.bias]}
+    def init_parameters(self) -> None:
+        self.expansion.reset_parameters()
+        nn.init.zeros_(self.expansion.weight)
+        nn.init.constant_(self.expansion.bias, self.config.expansion_gate_init)
 
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [self.route_log_scale, self.expansion.weight, self.expansion.bias]
+
+    def token_gates(self) -> dict[str, nn.Module]:
+        return {"expansion": self.expansion}
+
+    def state_fields(self) -> dict[str, StateField]:
         c = self.config
         Hm, Dm = c.memory_heads, c.memory_dim
-        return {**super().state_shapes(), "coarse_memory": (Hm, Dm, Dm), "coarse_norm": (Hm, Dm)}
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> HierarchicalState:
-        c = self.config
-        fine = self.config.num_memories, c.memory_heads, c.memory_dim
-        z = lambda *s: torch.zeros(batch_size, *s, device=device)  # noqa: E731
-        empty = torch.zeros(batch_size, 0, c.hidden_size, device=device, dtype=dtype)
-        long0 = torch.zeros((), dtype=torch.long, device=device)
-        return HierarchicalState(z(*fine, c.memory_dim), z(*fine), z(*fine), z(*fine[1:], c.memory_dim),
-                                 z(*fine[1:]), empty, empty, long0, long0.clone())
+        return {**mixture_fields(c), "coarse_memory": StateField((Hm, Dm, Dm), torch.float32),
+                "coarse_norm": StateField((Hm, Dm), torch.float32)}
 
     def expansion_gate(self, x: torch.Tensor) -> torch.Tensor:
         """e (B, Hm, T, 1) from the layer's normed input x (B, T, d)."""
-        e = torch.sigmoid(self.expansion(x).float()).transpose(1, 2).unsqueeze(-1)
+        e = self.expansion(x).transpose(1, 2).unsqueeze(-1)
         if self.threshold is not None:
             if self.training:
                 raise NewLLMError("HierarchicalLayer: the expansion threshold is for generation only; the model "
@@ -107,19 +118,32 @@ class HierarchicalLayer(MixtureLayerBase):
             e = (e >= self.threshold).float()
         return e
 
-    def memory_step(self, x, q, k, v, state: HierarchicalState):
+    def scan(self, x, q, k, v, state: HierarchicalState):
         c = self.config
-        a_fine, mix = self.scan_fine(q, k, v, state)
+        fine = MixtureState(state.memory, state.norm, state.key_sum, state.segments, state.skipped)
         coarse = MemoryState(state.coarse_memory.unsqueeze(1), state.coarse_norm.unsqueeze(1), state.segments,
                              torch.zeros_like(state.skipped))
-        a_coarse, coarse = memory_scan(q, k, v, coarse, segment_length=c.segment_length, delta_rule=c.use_delta_rule,
-                                       scale=c.memory_scale, eps=c.memory_eps, clamp=c.memory_update_clamp,
-                                       check_finite=c.check_finite, write_partial=False)
-        e = self.expansion_gate(x).to(a_fine.dtype)
-        a_mem = torch.lerp(a_coarse, a_fine, e)  # coarse + e * (fine - coarse)
-        return a_mem, dict(memory=mix.memory, norm=mix.norm, key_sum=mix.key_sum,
+        a_coarse, a_fine, fine, coarse = coarse_to_fine_scan(  # (H1), (H2)
+            q, k, v, fine, coarse, segment_length=c.segment_length, route_scale=self.route_log_scale.exp(),
+            delta_rule=c.use_delta_rule, scale=c.memory_scale, eps=c.memory_eps, clamp=c.memory_update_clamp,
+            check_finite=c.check_finite, write_partial=False)
+        e = self.expansion_gate(x).to(a_fine.dtype)  # (H3)
+        a_mem = torch.lerp(a_coarse, a_fine, e)  # (H4) coarse + e * (fine - coarse)
+        return a_mem, dict(memory=fine.memory, norm=fine.norm, key_sum=fine.key_sum,
                            coarse_memory=coarse.memory.squeeze(1), coarse_norm=coarse.norm.squeeze(1),
-                           segments=mix.segments, skipped=mix.skipped + coarse.skipped)
+                           segments=fine.segments, skipped=fine.skipped)
+
+
+@register_layer("hierarchical")
+class HierarchicalLayer(MemoryLayer):
+    config_class = HierarchicalLayerConfig
+    state_type = HierarchicalState
+    memory_part = CoarseToFinePart
+
+    @classmethod
+    def tiny_config(cls) -> HierarchicalLayerConfig:
+        return HierarchicalLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, segment_length=6,
+                                       num_memories=3, use_delta_rule=False)
 
 
 @contextlib.contextmanager
@@ -134,13 +158,13 @@ def expansion_threshold(model: nn.Module, threshold: float):
                           "only (training and evaluation use the continuous gate)")
     if not 0.0 <= threshold <= 1.0:
         raise NewLLMError(f"expansion_threshold: threshold must be in [0, 1], got {threshold}")
-    layers = [m for m in model.modules() if isinstance(m, HierarchicalLayer)]
-    if not layers:
+    parts = [m for m in model.modules() if isinstance(m, CoarseToFinePart)]
+    if not parts:
         raise NewLLMError("expansion_threshold: the model has no HierarchicalLayer")
-    for layer in layers:
-        layer.threshold = threshold
+    for part in parts:
+        part.threshold = threshold
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.threshold = None
+        for part in parts:
+            part.threshold = None

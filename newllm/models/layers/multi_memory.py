@@ -1,16 +1,16 @@
 """MultiMemoryLayer: `num_memories` independent Infini memories, read as an attention-weighted mix.
 
-The block is InfiniLayer's (same projections, local attention, gate, MLP and parallel residual;
-see `infini.py`); only the memory differs::
+The block and mixer are InfiniLayer's (`blocks.Block`, `memory.MemoryMixer`: projections, local
+attention, gate beta, MLP, residual; `block="neox"` or `"llama"`). This file is the memory::
 
-    write:  segment n (counted over the whole stream) -> memory n % M      (round-robin)
-            M_m += phi(K)^T V   or the delta rule against M_m alone;  z_m += sum phi(k);  K_m += sum k
-    read:   r_m   = phi(q) M_m / (phi(q) z_m + eps)                        each memory's read-out
-            w_m   = softmax_m(rho_h * q . kbar_m / sqrt(Dm)),  kbar_m = K_m / (tokens in m)
-            A_mem = sum_m w_m r_m
-    output: A = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local      per attention head
+    (M1) write:  segment n (counted over the whole stream) -> memory n % M      (round-robin)
+                 M_m += phi(K)^T V or the delta rule against M_m alone;  z_m += sum phi(k);  K_m += sum k
+    (M2) read:   r_m   = phi(q) M_m / (phi(q) z_m + eps)                        each memory's read-out
+    (M3)         w_m   = softmax_m(rho_h * q . kbar_m / sqrt(Dm)),  kbar_m = K_m / (tokens in m)
+    (M4)         A_mem = sum_m w_m r_m
+    output:      A = sigmoid(beta) * A_mem + (1 - sigmoid(beta)) * A_local      per attention head (eq. 6)
 
-(equations and guards: `newllm.models.ops.memory_mix`).
+(the tags mark the lines of `newllm.models.ops.memory_mix` that compute them).
 
 Why these choices:
 * Round-robin writing is deterministic and independent of how the stream is split into calls, so
@@ -40,23 +40,19 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from newllm.errors import NewLLMError
-from newllm.models.layers.base import check_positive, register_layer, resolve_config
-from newllm.models.layers.infini import InfiniLayer, InfiniLayerConfig
-from newllm.models.ops.memory_mix import MixtureState, init_mixture, mixture_scan
+from newllm.models.layers.base import StateField, check_positive, register_layer
+from newllm.models.layers.memory import MemoryLayer, MemoryLayerConfig, MemoryPart
+from newllm.models.ops.memory_mix import MixtureState, mixture_scan
 
 
 @dataclass
-class MultiMemoryLayerConfig(InfiniLayerConfig):
+class MultiMemoryLayerConfig(MemoryLayerConfig):
     num_memories: int = 4  # M independent memories (seed 001 default)
     route_scale_init: float = 1.0  # initial rho: 1 = the plain attention scale q.kbar / sqrt(Dm)
 
     def __post_init__(self):
         super().__post_init__()
         check_positive(type(self).__name__, num_memories=self.num_memories, route_scale_init=self.route_scale_init)
-        if self.num_memory_banks != 1:
-            raise NewLLMError(f"{type(self).__name__}: num_memory_banks is an InfiniLayer option; use num_memories "
-                              f"(got num_memory_banks={self.num_memory_banks})")
 
 
 class MultiMemoryState(NamedTuple):
@@ -65,75 +61,58 @@ class MultiMemoryState(NamedTuple):
     memory: torch.Tensor  # (B, M, Hm, Dm, Dm) fp32
     norm: torch.Tensor  # (B, M, Hm, Dm) fp32: z_m
     key_sum: torch.Tensor  # (B, M, Hm, Dm) fp32: K_m, sum of raw keys written into m
-    segment_k: torch.Tensor  # (B, P, d): keys of the current incomplete segment, P < S
-    segment_v: torch.Tensor  # (B, P, d)
+    segment_k: torch.Tensor  # (B, P, hkv * Dh): keys of the current incomplete segment, P < S
+    segment_v: torch.Tensor  # (B, P, hkv * Dh)
     segments: torch.Tensor  # () int64: completed segments written
     skipped: torch.Tensor  # () int64: memory updates skipped for NaN/Inf
 
 
-class MixtureLayerBase(InfiniLayer):
-    """InfiniLayer's block with a pluggable memory (`memory_step`); shared by Multi/Hierarchical."""
+def mixture_fields(c: MultiMemoryLayerConfig) -> dict[str, StateField]:
+    M, Hm, Dm = c.num_memories, c.memory_heads, c.memory_dim
+    return {"memory": StateField((M, Hm, Dm, Dm), torch.float32), "norm": StateField((M, Hm, Dm), torch.float32),
+            "key_sum": StateField((M, Hm, Dm), torch.float32)}
 
-    def __init__(self, config):
-        super().__init__(config=config)
-        Hm = config.memory_heads
-        # rho = exp(log_rho) > 0, one per memory head; a gate-like scalar (own optimizer group)
-        self.route_log_scale = nn.Parameter(torch.full((Hm,), math.log(config.route_scale_init)))
+
+def route_log_scale(c: MultiMemoryLayerConfig) -> nn.Parameter:
+    """log rho, one per memory head (rho = exp(log rho) > 0: the sharpness of the mix, (M3))."""
+    return nn.Parameter(torch.full((c.memory_heads,), math.log(c.route_scale_init)))
+
+
+class MixtureMemoryPart(MemoryPart):
+    """M round-robin memories and the routing scale rho (one per memory head, a gate-like scalar)."""
+
+    def __init__(self, config: MultiMemoryLayerConfig):
+        super().__init__()
+        self.config = config
+        self.route_log_scale = route_log_scale(config)
 
     @property
     def route_scale(self) -> torch.Tensor:
         return self.route_log_scale.exp()
 
-    def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        return {"gates": [self.beta, self.route_log_scale]}
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [self.route_log_scale]
 
-    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+    def state_fields(self) -> dict[str, StateField]:
+        return mixture_fields(self.config)
+
+    def scan(self, x, q, k, v, state):
         c = self.config
-        M, Hm, Dm = c.num_memories, c.memory_heads, c.memory_dim
-        return {"memory": (M, Hm, Dm, Dm), "norm": (M, Hm, Dm), "key_sum": (M, Hm, Dm)}
-
-    def check_state(self, state, batch_size: int) -> None:
-        c, name = self.config, type(self).__name__
-        for field, want in self.state_shapes().items():
-            t = getattr(state, field)
-            if tuple(t.shape[1:]) != want or t.shape[0] != batch_size:
-                raise NewLLMError(f"{name}: state {field} {tuple(t.shape)} does not fit "
-                                  f"({batch_size}, {', '.join(map(str, want))})")
-        p = state.segment_k.shape[1]
-        if state.segment_k.shape[-1] != c.hidden_size or state.segment_v.shape != state.segment_k.shape \
-                or p >= c.segment_length:
-            raise NewLLMError(f"{name}: state segment_k {tuple(state.segment_k.shape)} / segment_v "
-                              f"{tuple(state.segment_v.shape)} must be (batch, < {c.segment_length}, {c.hidden_size})")
-
-    def mixture(self, state) -> MixtureState:
-        return MixtureState(state.memory, state.norm, state.key_sum, state.segments, state.skipped)
-
-    def scan_fine(self, q, k, v, state):
-        """Round-robin memories: (A_fine (B, Hm, T, Dm), new MixtureState)."""
-        c = self.config
-        return mixture_scan(q, k, v, self.mixture(state), segment_length=c.segment_length,
-                            route_scale=self.route_scale, delta_rule=c.use_delta_rule, scale=c.memory_scale,
-                            eps=c.memory_eps, clamp=c.memory_update_clamp, check_finite=c.check_finite,
-                            write_partial=False)
+        mix = MixtureState(state.memory, state.norm, state.key_sum, state.segments, state.skipped)
+        a_mem, mix = mixture_scan(q, k, v, mix, segment_length=c.segment_length, route_scale=self.route_scale,
+                                  delta_rule=c.use_delta_rule, scale=c.memory_scale, eps=c.memory_eps,
+                                  clamp=c.memory_update_clamp, check_finite=c.check_finite, write_partial=False)
+        return a_mem, mix._asdict()
 
 
 @register_layer("multi_memory")
-class MultiMemoryLayer(MixtureLayerBase):
+class MultiMemoryLayer(MemoryLayer):
     config_class = MultiMemoryLayerConfig
-    has_compressive_memory = True
+    state_type = MultiMemoryState
+    memory_part = MixtureMemoryPart
 
-    def __init__(self, *args, config: MultiMemoryLayerConfig | None = None, **kwargs):
-        config = resolve_config(MultiMemoryLayerConfig, config, args, kwargs,
-                                ("hidden_size", "num_attention_heads", "intermediate_size"))
-        super().__init__(config)
-
-    def init_state(self, batch_size: int, device=None, dtype=None) -> MultiMemoryState:
-        c = self.config
-        mix = init_mixture(batch_size, c.num_memories, c.memory_heads, c.memory_dim, c.memory_dim, device=device)
-        empty = torch.zeros(batch_size, 0, c.hidden_size, device=device, dtype=dtype)
-        return MultiMemoryState(mix.memory, mix.norm, mix.key_sum, empty, empty, mix.segments, mix.skipped)
-
-    def memory_step(self, x, q, k, v, state):
-        a_mem, mix = self.scan_fine(q, k, v, state)
-        return a_mem, dict(memory=mix.memory, norm=mix.norm, key_sum=mix.key_sum, segments=mix.segments,
-                           skipped=mix.skipped)
+    @classmethod
+    def tiny_config(cls) -> MultiMemoryLayerConfig:
+        # 41 tokens = 6 full 6-token segments + 5: every one of 3 memories written twice, then a partial
+        return MultiMemoryLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, segment_length=6,
+                                      num_memories=3)

@@ -1,36 +1,26 @@
 """PythiaLayer: the GPT-NeoX decoder layer, numerically equal to `transformers`' GPTNeoXLayer.
 
-    parallel residual (use_parallel_residual=True, Pythia's default):
-        x ──┬── ln1 ── attn ──┐
-            ├── ln2 ── mlp  ──┤
-            └─────────────────+──> y = x + attn(ln1(x)) + mlp(ln2(x))
-    sequential residual:
-        h = x + attn(ln1(x));  y = h + mlp(ln2(h))
+    neox block (blocks.py) + SoftmaxAttention (attention.py) with GPT-NeoX's fused, per-head
+    interleaved QKV and partial rotary embeddings:
 
-Attention: fused QKV projection whose output is interleaved per head ((B, T, h, 3*Dh): q, k, v of
-head 0, then of head 1, ...), rotary on the first `rotary_pct` of each head (rotate-half), causal
+    parallel residual (use_parallel_residual=True, Pythia's default):
+        x ──┬── ln1 ── attention ──┐
+            ├── ln2 ── mlp ────────┤
+            └──────────────────────+──> y = x + attention(ln1(x)) + mlp(ln2(x))
+    sequential residual:
+        h = x + attention(ln1(x));  y = h + mlp(ln2(h))
+
+Rotary on the first `rotary_pct` of each head (rotate-half, base `rotary_emb_base`), causal
 softmax with scale 1/sqrt(Dh). State: the KV cache (`KVCache`), bounded by `sliding_window`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
 from newllm.errors import NewLLMError
-from newllm.models.layers.base import BaseLayer, KVCache, check_positive, extend_kv_cache, register_layer, resolve_config
-from newllm.models.ops.attention import causal_attention
-from newllm.models.ops.rope import rope_cos_sin, rope_inv_freq, split_qkv_rope
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),  # exact (erf) GELU, what GPT-NeoX's "gelu" means
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+from newllm.models.layers.attention import KVCache, SoftmaxAttention
+from newllm.models.layers.base import check_positive, register_layer, resolve_config
+from newllm.models.layers.blocks import ACTIVATIONS, Block
 
 
 @dataclass
@@ -69,61 +59,16 @@ class PythiaLayerConfig:
         return int(self.head_size * self.rotary_pct)  # as transformers: truncate
 
 
-class NeoXBlock(BaseLayer):
-    """The GPT-NeoX block around an attention: y = x + attention(ln1(x)) + mlp(ln2(x)) (parallel
-    residual) or h = x + attention(ln1(x)), y = h + mlp(ln2(h)). It owns the parameters under
-    GPT-NeoX's names (input_layernorm, post_attention_layernorm, query_key_value, dense,
-    dense_h_to_4h, dense_4h_to_h); a subclass supplies `attention(x, state) -> (out, new_state)`,
-    `out` already through `dense`. PythiaLayer and the memory layers (InfiniLayer and its kin) are
-    NeoX blocks, which is why a memory layer takes a PythiaLayer's place in a stack."""
-
-    def __init__(self, config):
-        super().__init__(config)
-        d, c = config.hidden_size, config
-        self.input_layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(d, eps=c.layer_norm_eps)
-        self.query_key_value = nn.Linear(d, 3 * d, bias=c.attention_bias)
-        self.dense = nn.Linear(d, d, bias=c.attention_bias)
-        self.dense_h_to_4h = nn.Linear(d, c.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(c.intermediate_size, d)
-        self.act = ACTIVATIONS[c.hidden_act]
-        for lin in (self.query_key_value, self.dense, self.dense_h_to_4h, self.dense_4h_to_h):
-            nn.init.normal_(lin.weight, std=c.initializer_range)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
-
-    def forward(self, x: torch.Tensor, state=None):
-        attn, new_state = self.attention(self.input_layernorm(x), state)
-        if self.config.use_parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x)), new_state
-        h = x + attn
-        return h + self.mlp(self.post_attention_layernorm(h)), new_state
-
-
 @register_layer("pythia")
-class PythiaLayer(NeoXBlock):
+class PythiaLayer(Block):
     config_class = PythiaLayerConfig
+    state_type = KVCache
 
     def __init__(self, *args, config: PythiaLayerConfig | None = None, **kwargs):
-        config = resolve_config(PythiaLayerConfig, config, args, kwargs,
-                                ("hidden_size", "num_attention_heads", "intermediate_size"))
-        super().__init__(config)
-        c = config
-        self.register_buffer("inv_freq", rope_inv_freq(c.rotary_ndims, c.rotary_emb_base), persistent=False)
-
-    def attention(self, x: torch.Tensor, state: KVCache | None):
-        B, T, d = x.shape
-        h, Dh = self.config.num_attention_heads, self.config.head_size
-        qkv = self.query_key_value(x)  # (B, T, 3*d), interleaved per head
-        start = 0 if state is None else int(state.pos)
-        if self.config.rotary_ndims:
-            cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=x.device), qkv.dtype)
-            q, k, v = split_qkv_rope(qkv, h, cos, sin)  # (B, h, T, Dh) each, one fused autograd node
-        else:
-            q, k, v = qkv.view(B, T, h, 3 * Dh).transpose(1, 2).split(Dh, dim=-1)
-        k_all, v_all, k_start, new_state = extend_kv_cache(state, k, v, self.config.sliding_window)
-        out = causal_attention(q, k_all, v_all, start, k_start, Dh**-0.5, self.config.sliding_window)
-        return self.dense(out.transpose(1, 2).reshape(B, T, d)), new_state
+        c = resolve_config(PythiaLayerConfig, config, args, kwargs)
+        h = c.num_attention_heads
+        mixer = SoftmaxAttention(style="neox", hidden_size=c.hidden_size, num_heads=h, num_kv_heads=h,
+                                 head_dim=c.head_size, bias=c.attention_bias, rotary_ndims=c.rotary_ndims,
+                                 rope_base=c.rotary_emb_base, sliding_window=c.sliding_window)
+        super().__init__(c, mixer, style="neox", norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
+                         mlp_bias=True, parallel_residual=c.use_parallel_residual)

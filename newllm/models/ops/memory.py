@@ -31,9 +31,11 @@ S rows). Any T works: a last, shorter segment is written only if `write_partial=
 passes False and keeps those tokens in its state until the segment completes); nothing is ever
 padded, so no padded position can write to memory.
 
-Building blocks, for layers with their own read/write policy (multi-memory, hierarchical):
-`phi`, `read_terms` / `memory_read` (one memory, any leading dims), `segment_update` (dM, dz of one
-segment against one memory) and `guard_update` (clamp + NaN/Inf skip).
+Building blocks, for memories with their own read/write policy (multi-memory, hierarchical):
+`scan_segments` (the segment bookkeeping: which queries read which memory, which segments are
+written; every scan in this package is a store driven by it), `phi`, `read_terms` / `memory_read`
+(one memory, any leading dims), `segment_update` (dM, dz of one segment against one memory) and
+`guard_update` (clamp + NaN/Inf skip). `BankedMemory` is the store of this file.
 
 Banks (N > 1): segment number n (counted over the whole stream, `state.segments`) is written into
 bank (n // segments_per_bank) % N, so writing moves to the next bank once a bank has absorbed its
@@ -113,7 +115,7 @@ def segment_update(fk: torch.Tensor, v: torch.Tensor, memory: torch.Tensor, norm
     v = v.float()
     if delta_rule:
         v = v - memory_read(fk, memory, norm, eps)  # eq. 5: retrieve with the memory before the write
-    return fk.transpose(-1, -2) @ v, fk.sum(dim=-2)
+    return fk.transpose(-1, -2) @ v, fk.sum(dim=-2)  # eq. 4: sigma(K)^T V (V delta-corrected: eq. 5); dz
 
 
 def guard_update(dm: torch.Tensor, dz: torch.Tensor, clamp: float | None, check_finite: bool):
@@ -141,6 +143,84 @@ def check_shapes(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) 
         raise NewLLMError(f"{where}: {q.shape[2]} queries but only {k.shape[2]} keys")
 
 
+def scan_segments(where: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, store, *, first: int,
+                  segment_length: int, write_partial: bool, check_finite: bool, parts: int = 1):
+    """The segment bookkeeping every compressive memory shares (Infini, banks, mixtures, coarse-to-fine).
+
+    k, v: (B, H, T, D) start on a segment boundary; q: (B, H, Tq, Dk) are their LAST Tq positions.
+    For each segment s in order: if it holds queries, `store.read(q_s, n)` reads the memory as it was
+    after the n = first + (segments written so far) segments before it (M_{s-1}: a segment never reads
+    itself) and returns `parts` outputs; then, if the segment is complete (or `write_partial`),
+    `store.write(k_s, v_s, n)` writes it and returns the (B,) rows it skipped for NaN/Inf. Nothing
+    is ever padded. Segments are views cut once with `split` (its backward is one concatenation;
+    slicing inside the loop would make every segment's backward allocate a full-length gradient).
+
+    Returns (the `parts` outputs (B, H, Tq, Dv) in q.dtype, segments written, updates skipped; a
+    skipped update is also a warning naming the `where` and the rows).
+    """
+    B, _, T, _ = k.shape
+    S, q_off = segment_length, T - q.shape[2]
+    bounds = list(range(0, T, S)) + [T]
+    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    q_sizes = [max(0, b - max(a, q_off)) for a, b in zip(bounds[:-1], bounds[1:])]  # queries per segment
+    k_segs, v_segs, q_segs = k.split(sizes, dim=2), v.split(sizes, dim=2), q.split(q_sizes, dim=2)
+    reads, bad_rows, written = [], torch.zeros(B, dtype=torch.long, device=k.device), 0
+    for i, size in enumerate(sizes):
+        if q_sizes[i]:
+            reads.append(store.read(q_segs[i], first + written))
+        if size < S and not write_partial:
+            break
+        bad_rows = bad_rows + store.write(k_segs[i], v_segs[i], first + written)
+        written += 1
+    if reads:
+        outs = tuple(torch.cat(o, dim=2).to(q.dtype) for o in zip(*reads))
+    else:
+        outs = tuple(q.new_zeros(*q.shape[:2], 0, v.shape[-1]) for _ in range(parts))
+    skipped = int(bad_rows.sum()) if check_finite else 0
+    if skipped:
+        warnings.warn(f"{where}: non-finite memory update in batch rows {bad_rows.nonzero().flatten().tolist()} "
+                      f"skipped ({skipped} segment updates)")
+    return outs, written, skipped
+
+
+class BankedMemory:
+    """One Infini memory, or N banks of it, during one scan (the working form of a MemoryState).
+
+    Banks are kept as a list of (B, H, Dk, Dv) tensors: a write replaces one list entry, so the
+    backward never materialises a full (B, N, ...) gradient per segment.
+    """
+
+    def __init__(self, state: MemoryState, batch: int, *, segments_per_bank: int, delta_rule: bool, scale: float,
+                 eps: float, clamp: float | None, check_finite: bool):
+        self.mems = list(state.memory.float().expand(batch, *state.memory.shape[1:]).unbind(1))
+        self.zs = list(state.norm.float().expand(batch, *state.norm.shape[1:]).unbind(1))
+        self.segments_per_bank, self.delta_rule, self.scale = segments_per_bank, delta_rule, scale
+        self.eps, self.clamp, self.check_finite = eps, clamp, check_finite
+
+    def read(self, q: torch.Tensor, n: int) -> tuple[torch.Tensor]:
+        fq = phi(q, self.scale)
+        terms = [read_terms(fq, m, z) for m, z in zip(self.mems, self.zs)]  # (B, H, t, Dv), (B, H, t, 1)
+        num, den = terms[0] if len(terms) == 1 else (sum(t[0] for t in terms), sum(t[1] for t in terms))
+        return (num / (den + self.eps),)  # eq. 3: A_mem = sigma(Q) M_{s-1} / (sigma(Q) z_{s-1}), pooled over banks
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+        bank = (n // self.segments_per_bank) % len(self.mems)
+        # eq. 4 (linear) or eq. 5 (delta rule) for M, and z_s = z_{s-1} + sum_t sigma(K_t)
+        dm, dz = segment_update(phi(k, self.scale), v, self.mems[bank], self.zs[bank], self.delta_rule, self.eps)
+        dm, dz, bad = guard_update(dm, dz, self.clamp, self.check_finite)
+        self.mems[bank], self.zs[bank] = self.mems[bank] + dm, self.zs[bank] + dz
+        return bad
+
+    def state(self, segments: torch.Tensor, skipped) -> MemoryState:
+        return MemoryState(torch.stack(self.mems, 1), torch.stack(self.zs, 1), segments, skipped)
+
+
+def check_memory_state(where: str, state: MemoryState, batch: int, heads: int, key_dim: int, value_dim: int) -> None:
+    if state.memory.shape[2:] != (heads, key_dim, value_dim) or state.memory.shape[0] not in (1, batch):
+        raise NewLLMError(f"{where}: memory state {tuple(state.memory.shape)} does not fit "
+                          f"(B={batch}, N, H={heads}, Dk={key_dim}, Dv={value_dim})")
+
+
 def memory_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: MemoryState | None = None, *,
                 segment_length: int, segments_per_bank: int = 1, delta_rule: bool = True,
                 scale: float | None = None, eps: float = 1e-6, clamp: float | None = None,
@@ -152,49 +232,16 @@ def memory_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Memory
     """
     check_shapes("memory_scan", q, k, v)
     B, H, T, Dk = k.shape
-    Dv, Tq, S = v.shape[-1], q.shape[2], segment_length
-    if S <= 0 or segments_per_bank <= 0:
-        raise NewLLMError(f"memory_scan: segment_length and segments_per_bank must be > 0, got {S}, "
+    Dv = v.shape[-1]
+    if segment_length <= 0 or segments_per_bank <= 0:
+        raise NewLLMError(f"memory_scan: segment_length and segments_per_bank must be > 0, got {segment_length}, "
                           f"{segments_per_bank}")
     if state is None:
         state = init_memory(B, H, Dk, Dv, device=k.device)
-    if state.memory.shape[2:] != (H, Dk, Dv) or state.memory.shape[0] not in (1, B):
-        raise NewLLMError(f"memory_scan: memory state {tuple(state.memory.shape)} does not fit "
-                          f"(B={B}, N, H={H}, Dk={Dk}, Dv={Dv})")
-    scale = Dk**-0.5 if scale is None else scale
-    # one (B, H, Dk, Dv) tensor per bank: a write replaces one list entry, so the backward never
-    # materialises a full (B, N, ...) gradient per segment
-    mems = list(state.memory.float().expand(B, *state.memory.shape[1:]).unbind(1))
-    zs = list(state.norm.float().expand(B, *state.norm.shape[1:]).unbind(1))
-    first = int(state.segments)
-    q_off = T - Tq  # position of the first query inside k/v
-    # Cut into per-segment views once with split (its backward is one concatenation; slicing inside
-    # the loop would make every segment's backward allocate a full-length gradient: O(T^2)).
-    bounds = list(range(0, T, S)) + [T]
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    fk_segs, v_segs = phi(k, scale).split(sizes, dim=2), v.split(sizes, dim=2)
-    q_sizes = [max(0, b - max(a, q_off)) for a, b in zip(bounds[:-1], bounds[1:])]  # queries per segment
-    fq_segs = phi(q, scale).split(q_sizes, dim=2)
-    outs, bad_rows = [], torch.zeros(B, dtype=torch.long, device=k.device)
-    written = 0
-    for i, (fk_s, v_s, fq_s) in enumerate(zip(fk_segs, v_segs, fq_segs)):
-        if q_sizes[i]:  # this segment has queries: read M_{s-1}, pooled over banks
-            terms = [read_terms(fq_s, m, z) for m, z in zip(mems, zs)]  # (B, H, t, Dv), (B, H, t, 1)
-            num, den = terms[0] if len(terms) == 1 else (sum(t[0] for t in terms), sum(t[1] for t in terms))
-            outs.append(num / (den + eps))
-        if sizes[i] < S and not write_partial:
-            break
-        bank = ((first + written) // segments_per_bank) % len(mems)
-        dm, dz = segment_update(fk_s, v_s, mems[bank], zs[bank], delta_rule, eps)
-        dm, dz, bad = guard_update(dm, dz, clamp, check_finite)
-        mems[bank], zs[bank] = mems[bank] + dm, zs[bank] + dz
-        bad_rows = bad_rows + bad
-        written += 1
-    out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, Dv, dtype=torch.float32)
-    skipped = int(bad_rows.sum()) if check_finite else 0
-    if skipped:
-        warnings.warn(f"memory_scan: non-finite memory update in batch rows "
-                      f"{bad_rows.nonzero().flatten().tolist()} skipped ({skipped} segment updates)")
-    new_state = MemoryState(torch.stack(mems, 1), torch.stack(zs, 1), state.segments + written,
-                            state.skipped + skipped)
-    return out.to(q.dtype), new_state
+    check_memory_state("memory_scan", state, B, H, Dk, Dv)
+    store = BankedMemory(state, B, segments_per_bank=segments_per_bank, delta_rule=delta_rule,
+                         scale=Dk**-0.5 if scale is None else scale, eps=eps, clamp=clamp, check_finite=check_finite)
+    (out,), written, skipped = scan_segments("memory_scan", q, k, v, store, first=int(state.segments),
+                                             segment_length=segment_length, write_partial=write_partial,
+                                             check_finite=check_finite)
+    return out, store.state(state.segments + written, state.skipped + skipped)

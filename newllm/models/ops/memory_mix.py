@@ -4,7 +4,7 @@ Shapes: B batch, M memories, H memory heads, T tokens, S segment length, Dk / Dv
 Built from the blocks of `ops/memory.py` (phi, read_terms, segment_update, guard_update); the
 feature map, guards and fp32 arithmetic are the same as `memory_scan`'s.
 
-Write rule (round-robin, deterministic): segment number n, counted over the whole stream
+Write rule (M1, round-robin, deterministic): segment number n, counted over the whole stream
 (`state.segments`), is written into memory n % M, with the linear rule or the delta rule against
 that memory alone; z_m accumulates sum_t phi(k_t) and a key sum K_m accumulates sum_t k_t (raw
 keys) of the segments memory m received. Memory m has received c_m = ceil((n - m) / M) segments
@@ -12,9 +12,11 @@ after n segments (0 when n <= m), so its mean key is kbar_m = K_m / (c_m * S).
 
 Read, for a query q of segment s (every memory as it was after segment s-1, as in memory_scan)::
 
-    r_m   = phi(q) M_m / (phi(q) z_m + eps)                     each memory's Infini read-out
-    w_m   = softmax_m( rho_h * q . kbar_m / sqrt(Dk) )          over the memories written so far
-    A_mem = sum_m w_m r_m                                       (0 while no memory has been written)
+    (M2) r_m   = phi(q) M_m / (phi(q) z_m + eps)                each memory's Infini read-out (eq. 3)
+    (M3) w_m   = softmax_m( rho_h * q . kbar_m / sqrt(Dk) )     over the memories written so far
+    (M4) A_mem = sum_m w_m r_m                                  (0 while no memory has been written)
+
+The tags (M1)-(M4) mark the lines that compute them.
 
 Why the mean raw key as each memory's summary: it is the centre of the keys the memory stored,
 so q . kbar_m / sqrt(Dk) is the attention logit a query would give an "average" stored token (the
@@ -25,13 +27,13 @@ out so that an unwritten memory never dilutes the read.
 """
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple
 
 import torch
 
 from newllm.errors import NewLLMError
-from newllm.models.ops.memory import check_shapes, guard_update, phi, read_terms, segment_update
+from newllm.models.ops.memory import (BankedMemory, MemoryState, check_memory_state, check_shapes, guard_update, phi,
+                                      read_terms, scan_segments, segment_update)
 
 
 class MixtureState(NamedTuple):
@@ -70,15 +72,63 @@ def mixture_read(q: torch.Tensor, fq: torch.Tensor, memory: torch.Tensor, norm: 
     if not any(counts):  # nothing written yet: an empty memory reads 0
         return q.new_zeros(B, H, t, memory.shape[-1])
     num, den = read_terms(fq.unsqueeze(1), memory, norm)  # (B, M, H, t, Dv), (B, M, H, t, 1)
-    reads = num / (den + eps)
+    reads = num / (den + eps)  # (M2) each memory's read-out
     n_tok = torch.tensor([max(c, 1) * segment_length for c in counts], dtype=torch.float32, device=q.device)
     kbar = key_sum / n_tok.view(1, -1, 1, 1)  # (B, M, H, Dk): each memory's mean key
-    logits = torch.einsum("bhtk,bmhk->bmht", q, kbar) * (Dk**-0.5) * route_scale.float().view(1, 1, H, 1)
+    logits = torch.einsum("bhtk,bmhk->bmht", q, kbar) * (Dk**-0.5) * route_scale.float().view(1, 1, H, 1)  # (M3)
     if not all(counts):  # unwritten memories take no part in the mix
         empty = torch.tensor([c == 0 for c in counts], device=q.device).view(1, -1, 1, 1)
         logits = logits.masked_fill(empty, float("-inf"))
-    w = logits.softmax(dim=1)  # (B, M, H, t): weights over the memories
-    return (w.unsqueeze(-1) * reads).sum(1)
+    w = logits.softmax(dim=1)  # (M3) (B, M, H, t): weights over the memories
+    return (w.unsqueeze(-1) * reads).sum(1)  # (M4)
+
+
+class MixtureMemory:
+    """M memories written round-robin and read as a mixture, during one scan (the working form of a
+    MixtureState; one tensor per memory, replaced on write, as BankedMemory does with banks)."""
+
+    def __init__(self, state: MixtureState, batch: int, *, segment_length: int, route_scale: torch.Tensor,
+                 delta_rule: bool, scale: float, eps: float, clamp: float | None, check_finite: bool):
+        self.mems, self.zs, self.ks = (list(t.float().expand(batch, *t.shape[1:]).unbind(1))
+                                       for t in (state.memory, state.norm, state.key_sum))
+        # the stacked (B, M, ...) tensors, rebuilt only after a write: a call that writes nothing (most
+        # decoding steps) reads and returns the state's own tensors without copying them
+        self.stacked = tuple(t.float().expand(batch, *t.shape[1:]) for t in (state.memory, state.norm, state.key_sum))
+        self.S, self.route_scale, self.delta_rule, self.scale = segment_length, route_scale, delta_rule, scale
+        self.eps, self.clamp, self.check_finite = eps, clamp, check_finite
+
+    def stack(self):
+        if self.stacked is None:
+            self.stacked = (torch.stack(self.mems, 1), torch.stack(self.zs, 1), torch.stack(self.ks, 1))
+        return self.stacked
+
+    def read(self, q: torch.Tensor, n: int) -> tuple[torch.Tensor]:
+        counts = segments_per_memory(n, len(self.mems))
+        return (mixture_read(q.float(), phi(q, self.scale), *self.stack(), counts, self.S, self.route_scale,
+                             self.eps),)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+        m = n % len(self.mems)  # (M1) round-robin: segment n -> memory n % M
+        dm, dz = segment_update(phi(k, self.scale), v, self.mems[m], self.zs[m], self.delta_rule, self.eps)
+        dm, dz, bad = guard_update(dm, dz, self.clamp, self.check_finite)
+        dk = torch.where(bad.view(-1, 1, 1), torch.zeros((), device=k.device), k.float().sum(-2))  # K_m += sum k
+        self.mems[m], self.zs[m], self.ks[m] = self.mems[m] + dm, self.zs[m] + dz, self.ks[m] + dk
+        self.stacked = None
+        return bad
+
+    def state(self, segments: torch.Tensor, skipped) -> MixtureState:
+        return MixtureState(*self.stack(), segments, skipped)
+
+
+def check_mixture(where: str, state: MixtureState | None, route_scale: torch.Tensor, batch: int, heads: int,
+                  key_dim: int, value_dim: int) -> None:
+    if state is None:
+        raise NewLLMError(f"{where}: pass an initial state (init_mixture) to fix the number of memories")
+    if state.memory.shape[2:] != (heads, key_dim, value_dim) or state.memory.shape[0] not in (1, batch):
+        raise NewLLMError(f"{where}: memory state {tuple(state.memory.shape)} does not fit "
+                          f"(B={batch}, M, H={heads}, Dk={key_dim}, Dv={value_dim})")
+    if route_scale.shape != (heads,):
+        raise NewLLMError(f"{where}: route_scale must have shape ({heads},), got {tuple(route_scale.shape)}")
 
 
 def mixture_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: MixtureState | None = None, *,
@@ -93,57 +143,53 @@ def mixture_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Mixtu
     """
     check_shapes("mixture_scan", q, k, v)
     B, H, T, Dk = k.shape
-    Dv, Tq, S = v.shape[-1], q.shape[2], segment_length
-    if S <= 0:
-        raise NewLLMError(f"mixture_scan: segment_length must be > 0, got {S}")
-    if state is None:
-        raise NewLLMError("mixture_scan: pass an initial state (init_mixture) to fix the number of memories")
-    M = state.memory.shape[1]
-    if state.memory.shape[2:] != (H, Dk, Dv) or state.memory.shape[0] not in (1, B):
-        raise NewLLMError(f"mixture_scan: memory state {tuple(state.memory.shape)} does not fit "
-                          f"(B={B}, M, H={H}, Dk={Dk}, Dv={Dv})")
-    if route_scale.shape != (H,):
-        raise NewLLMError(f"mixture_scan: route_scale must have shape ({H},), got {tuple(route_scale.shape)}")
-    scale = Dk**-0.5 if scale is None else scale
-    # one tensor per memory, replaced on write (as memory_scan does with banks)
-    mems = list(state.memory.float().expand(B, *state.memory.shape[1:]).unbind(1))
-    zs = list(state.norm.float().expand(B, *state.norm.shape[1:]).unbind(1))
-    ks = list(state.key_sum.float().expand(B, *state.key_sum.shape[1:]).unbind(1))
-    first = int(state.segments)
-    q_off = T - Tq
-    bounds = list(range(0, T, S)) + [T]
-    sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    k32 = k.float()
-    fk_segs, k_segs, v_segs = phi(k, scale).split(sizes, dim=2), k32.split(sizes, dim=2), v.split(sizes, dim=2)
-    q_sizes = [max(0, b - max(a, q_off)) for a, b in zip(bounds[:-1], bounds[1:])]
-    q32 = q.float()
-    fq_segs, q_segs = phi(q, scale).split(q_sizes, dim=2), q32.split(q_sizes, dim=2)
-    outs, bad_rows, written = [], torch.zeros(B, dtype=torch.long, device=k.device), 0
-    # the stacked (B, M, ...) tensors, rebuilt only after a write: a call that writes nothing (most
-    # decoding steps) reads and returns the state's own tensors without copying them
-    stacked = tuple(t.float().expand(B, *t.shape[1:]) for t in (state.memory, state.norm, state.key_sum))
-    for i in range(len(sizes)):
-        if q_sizes[i]:
-            if stacked is None:
-                stacked = (torch.stack(mems, 1), torch.stack(zs, 1), torch.stack(ks, 1))
-            counts = segments_per_memory(first + written, M)
-            outs.append(mixture_read(q_segs[i], fq_segs[i], *stacked, counts, S, route_scale, eps))
-        if sizes[i] < S and not write_partial:
-            break
-        m = (first + written) % M
-        dm, dz = segment_update(fk_segs[i], v_segs[i], mems[m], zs[m], delta_rule, eps)
-        dm, dz, bad = guard_update(dm, dz, clamp, check_finite)
-        dk = torch.where(bad.view(-1, 1, 1), torch.zeros((), device=k.device), k_segs[i].sum(-2))
-        mems[m], zs[m], ks[m] = mems[m] + dm, zs[m] + dz, ks[m] + dk
-        bad_rows = bad_rows + bad
-        written += 1
-        stacked = None
-    out = torch.cat(outs, dim=2) if outs else q.new_zeros(B, H, 0, Dv, dtype=torch.float32)
-    skipped = int(bad_rows.sum()) if check_finite else 0
-    if skipped:
-        warnings.warn(f"mixture_scan: non-finite memory update in batch rows "
-                      f"{bad_rows.nonzero().flatten().tolist()} skipped ({skipped} segment updates)")
-    if stacked is None:
-        stacked = (torch.stack(mems, 1), torch.stack(zs, 1), torch.stack(ks, 1))
-    new_state = MixtureState(*stacked, state.segments + written, state.skipped + skipped)
-    return out.to(q.dtype), new_state
+    Dv = v.shape[-1]
+    if segment_length <= 0:
+        raise NewLLMError(f"mixture_scan: segment_length must be > 0, got {segment_length}")
+    check_mixture("mixture_scan", state, route_scale, B, H, Dk, Dv)
+    store = MixtureMemory(state, B, segment_length=segment_length, route_scale=route_scale, delta_rule=delta_rule,
+                          scale=Dk**-0.5 if scale is None else scale, eps=eps, clamp=clamp, check_finite=check_finite)
+    (out,), written, skipped = scan_segments("mixture_scan", q, k, v, store, first=int(state.segments),
+                                             segment_length=segment_length, write_partial=write_partial,
+                                             check_finite=check_finite)
+    return out, store.state(state.segments + written, state.skipped + skipped)
+
+
+class CoarseToFine:
+    """A coarse Infini memory that absorbs every segment beside round-robin fine memories; a read
+    returns both read-outs (the hierarchical layer mixes them with its expansion gate)."""
+
+    def __init__(self, fine: MixtureMemory, coarse: BankedMemory):
+        self.fine, self.coarse = fine, coarse
+
+    def read(self, q: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.coarse.read(q, n)[0], self.fine.read(q, n)[0]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, n: int) -> torch.Tensor:
+        return self.fine.write(k, v, n).long() + self.coarse.write(k, v, n).long()
+
+
+def coarse_to_fine_scan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fine: MixtureState, coarse: MemoryState,
+                        *, segment_length: int, route_scale: torch.Tensor, delta_rule: bool = True,
+                        scale: float | None = None, eps: float = 1e-6, clamp: float | None = None,
+                        check_finite: bool = True, write_partial: bool = True):
+    """The fine mixture and one coarse memory read and written over the same segments, in one scan.
+
+    Returns (A_coarse, A_fine (B, H, Tq, Dv) in q.dtype, new fine MixtureState, new coarse MemoryState);
+    skipped updates of both levels are counted in the fine state's `skipped`.
+    """
+    check_shapes("coarse_to_fine_scan", q, k, v)
+    B, H, T, Dk = k.shape
+    Dv = v.shape[-1]
+    check_mixture("coarse_to_fine_scan", fine, route_scale, B, H, Dk, Dv)
+    check_memory_state("coarse_to_fine_scan", coarse, B, H, Dk, Dv)
+    opts = dict(delta_rule=delta_rule, scale=Dk**-0.5 if scale is None else scale, eps=eps, clamp=clamp,
+                check_finite=check_finite)
+    store = CoarseToFine(MixtureMemory(fine, B, segment_length=segment_length, route_scale=route_scale, **opts),
+                         BankedMemory(coarse, B, segments_per_bank=1, **opts))
+    (a_coarse, a_fine), written, skipped = scan_segments(
+        "coarse_to_fine_scan", q, k, v, store, first=int(fine.segments), segment_length=segment_length,
+        write_partial=write_partial, check_finite=check_finite, parts=2)
+    segments = fine.segments + written
+    return a_coarse, a_fine, store.fine.state(segments, fine.skipped + skipped), store.coarse.state(segments,
+                                                                                                   coarse.skipped)

@@ -1,0 +1,107 @@
+"""SoftmaxAttention: the causal softmax-attention token mixer, with a KV cache as its state.
+
+    q, k, v = projections(x)                  (B, h, T, Dh), k/v with hkv heads (GQA: h = g * hkv)
+    q, k    = rope(q), rope(k)                on the first `rotary_ndims` of each head (0: no positions)
+    a       = softmax(q k^T / sqrt(Dh) + causal [+ window] mask) v
+    out     = o(a)
+
+Projections (see `blocks.TokenMixer`): "neox" is GPT-NeoX's fused `query_key_value`, interleaved
+per head ((B, T, h, 3 Dh): q, k, v of head 0, then of head 1, ...), rotated with the fused
+`split_qkv_rope`; "llama" is `q_proj`/`k_proj`/`v_proj`/`o_proj` with grouped-query attention.
+
+State (`KVCache`): every key and value seen so far, already rotated, and the next position. With
+`sliding_window` W each query sees its W most recent keys (itself included), inside one call and
+across calls alike, and the cache keeps only the last W - 1 (all a future query can see).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from newllm.models.layers.base import StateField
+from newllm.models.layers.blocks import TokenMixer
+from newllm.models.ops.attention import causal_attention
+from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, split_qkv_rope
+
+
+class KVCache(NamedTuple):
+    """State of a softmax-attention layer: keys/values seen so far and the next position.
+
+    k, v: (B, hkv, Tc, Dh), already rotated (RoPE applied) so they are reused as they are;
+    pos: 0-dim int64 tensor, the absolute position of the next token. With a sliding window W only
+    the last W-1 keys are kept (all a future query can see).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos: torch.Tensor
+
+
+def extend_kv_cache(
+    state: KVCache | None, k: torch.Tensor, v: torch.Tensor, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor, int, KVCache]:
+    """Prepend the cache to this call's k/v. Returns (k_all, v_all, k_start, new_state)."""
+    if state is None:
+        k_all, v_all, start = k, v, 0
+    else:
+        k_all = torch.cat((state.k.to(k.dtype), k), dim=-2)
+        v_all = torch.cat((state.v.to(v.dtype), v), dim=-2)
+        start = int(state.pos) - state.k.shape[-2]
+    pos = start + k_all.shape[-2]
+    keep_k, keep_v = k_all, v_all
+    if window is not None:
+        keep = max(window - 1, 0)
+        keep_k = k_all[..., k_all.shape[-2] - min(keep, k_all.shape[-2]):, :]
+        keep_v = v_all[..., v_all.shape[-2] - keep_k.shape[-2]:, :]
+    new_state = KVCache(keep_k, keep_v, torch.tensor(pos, dtype=torch.long))
+    return k_all, v_all, start, new_state
+
+
+class SoftmaxAttention(TokenMixer):
+    """Causal softmax attention over a KV cache (module docstring)."""
+
+    state_type = KVCache
+
+    def __init__(self, *, style: str, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 bias: bool, rotary_ndims: int, rope_base: float, sliding_window: int | None):
+        super().__init__()
+        self.build_projections(style, hidden_size, num_heads, num_kv_heads, head_dim, bias)
+        self.rotary_ndims, self.sliding_window = rotary_ndims, sliding_window
+        self.register_buffer("inv_freq", rope_inv_freq(rotary_ndims, rope_base), persistent=False)
+
+    @property
+    def uses_positions(self) -> bool:
+        return self.rotary_ndims > 0
+
+    def state_spec(self) -> dict[str, StateField]:
+        kv = StateField((self.kv_heads, None, self.head_dim))
+        return {"k": kv, "v": kv, "pos": StateField((), torch.long, batched=False)}
+
+    def tokens_absorbed(self, state: KVCache) -> int:
+        return int(state.pos)
+
+    def qkv(self, x: torch.Tensor, start: int):
+        """Rotated q (B, h, T, Dh), k and v (B, hkv, T, Dh) for positions start.. ."""
+        B, T, _ = x.shape
+        h, Dh = self.heads, self.head_dim
+        positions = torch.arange(start, start + T, device=x.device)
+        if self.style == "neox":
+            qkv = self.query_key_value(x)  # (B, T, 3 h Dh), interleaved per head
+            if self.rotary_ndims:
+                cos, sin = rope_cos_sin(self.inv_freq, positions, qkv.dtype)
+                return split_qkv_rope(qkv, h, cos, sin)  # one fused autograd node
+            return qkv.view(B, T, h, 3 * Dh).transpose(1, 2).split(Dh, dim=-1)
+        q = self.q_proj(x).view(B, T, h, Dh).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.kv_heads, Dh).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.kv_heads, Dh).transpose(1, 2)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, q.dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, state: KVCache | None = None):
+        B, T, _ = x.shape
+        start = 0 if state is None else int(state.pos)
+        q, k, v = self.qkv(x, start)
+        k_all, v_all, k_start, new_state = extend_kv_cache(state, k, v, self.sliding_window)
+        out = causal_attention(q, k_all, v_all, start, k_start, self.head_dim**-0.5, self.sliding_window)
+        return self.output(out.transpose(1, 2).reshape(B, T, -1)), new_state
