@@ -5,7 +5,7 @@
 * a `.gguf` file -> `newllm.checkpoints.gguf`
 * a folder with `newllm.json` (our format, written by `save_model`) -> `newllm.checkpoints.native`
 * a folder with `config.json` (Hugging Face) -> `newllm.checkpoints.hf`
-* a preset name (`"pythia"`, ...) -> a freshly initialised `create_model(name)`
+* a preset or layer-type name (`"pythia"`, ...) -> a freshly initialised `create_model(name)`
 
 `load_tokenizer(path)` does the same for tokenizers: a `.gguf` file -> its embedded vocabulary
 (`newllm.checkpoints.gguf_tokenizer`); a `tokenizer.json` file or a folder holding one ->
@@ -33,11 +33,11 @@ def load_pretrained(path, dtype=None, **kwargs):
 
         return load_hf_model(p, dtype=dtype, **kwargs)
     if not p.exists():
-        from newllm.models.presets import PRESETS, create_model
+        from newllm.models.presets import create_model, model_names
 
-        if str(path) in PRESETS:
+        if str(path) in model_names():
             return create_model(str(path), **kwargs)
-        raise NewLLMError(f"{path}: no such file or directory, and not a preset ({sorted(PRESETS)})")
+        raise NewLLMError(f"{path}: no such file or directory, and not a preset or layer type ({model_names()})")
     if p.is_file():
         raise NewLLMError(f"{path}: not a .gguf file; give a .gguf file or a model folder")
     raise NewLLMError(f"{path}: folder has neither newllm.json (newllm checkpoint) nor config.json (Hugging Face)")

@@ -4,7 +4,8 @@ A preset is a plain dict that cites where its numbers come from. Its layer stack
 `first + [rest] * (num_hidden_layers - len(first))`, so `num_hidden_layers=` resizes any preset.
 Overrides use Hugging Face field names; each one goes to the model config and to every layer whose
 config has that field, and an override that nothing has is an error (a typo never passes silently).
-Adding a preset is one entry in `PRESETS`.
+Adding a preset is one entry in `PRESETS`; a registered layer type's name builds a 2-layer stack
+of it (resize with `num_hidden_layers=`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ PYTHIA_70M = {  # EleutherAI/pythia-70m config.json
     "norm": "layernorm",
 }
 
+SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M config.json
+    "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+    "num_key_value_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0, "rms_norm_eps": 1e-5,
+    "norm_eps": 1e-5, "norm": "rmsnorm", "max_position_embeddings": 8192, "tie_word_embeddings": True,
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "pythia": {"first": [], "rest": "pythia", **PYTHIA_70M},
     # seed 001: 1 Infini layer (layer 0) + 5 Pythia layers at Pythia-70m sizes
@@ -32,12 +39,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seed 001: 1 MultiMemory / Hierarchical layer (layer 0) + 5 Pythia layers, num_memories=4 by default
     "multi_memory": {"first": ["multi_memory"], "rest": "pythia", **PYTHIA_70M},
     "hierarchical": {"first": ["hierarchical"], "rest": "pythia", **PYTHIA_70M},
-    "llama": {  # HuggingFaceTB/SmolLM2-135M config.json
-        "first": [], "rest": "llama", "vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30,
-        "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536, "rope_theta": 100000.0,
-        "rms_norm_eps": 1e-5, "norm_eps": 1e-5, "norm": "rmsnorm", "max_position_embeddings": 8192,
-        "tie_word_embeddings": True,
-    },
+    "llama": {"first": [], "rest": "llama", **SMOLLM2_135M},
+    # a Llama-architecture stack (SmolLM2-135M sizes) whose layer 0 is an Infini layer in a Llama block
+    # (RMSNorm, SwiGLU, GQA with the same q/k/v/o names): the shape a memory retrofit of SmolLM2 takes
+    "llama_infini": {"first": ["infini"], "rest": "llama", **SMOLLM2_135M, "block": "llama"},
     # seed 001 "Context-Pythia": Pythia-70m sizes + x_t = embed(ids_t) + W_c h_{t-1} (newllm/models/context.py)
     "context_pythia": {"first": [], "rest": "pythia", **PYTHIA_70M, "context_feedback": {"init": "learned"}},
 }
@@ -49,11 +54,22 @@ def register_preset(name: str, preset: dict[str, Any]) -> None:
     PRESETS[name] = preset
 
 
+def model_names() -> list[str]:
+    """What `create_model` builds: the presets, and every registered layer type (a stack of it)."""
+    return sorted(set(PRESETS) | set(LAYER_REGISTRY))
+
+
 def preset_config(name: str, **overrides) -> ModelConfig:
-    """The `ModelConfig` of preset `name` with `overrides` applied (see module doc)."""
-    if name not in PRESETS:
-        raise NewLLMError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
-    fields = {k: v for k, v in PRESETS[name].items()}
+    """The `ModelConfig` of preset `name` with `overrides` applied (see module doc). A registered
+    layer type that is not a preset name builds a stack of that type with the model defaults, so a
+    newly registered layer is `create_model("mylayer", ...)` with no preset written for it."""
+    if name in PRESETS:
+        preset = PRESETS[name]
+    elif name in LAYER_REGISTRY:
+        preset = {"first": [], "rest": name, "num_hidden_layers": 2}
+    else:
+        raise NewLLMError(f"unknown preset or layer type {name!r}; available: {model_names()}")
+    fields = {k: v for k, v in preset.items()}
     for key, value in overrides.items():
         fields[ALIASES.get(key, key)] = value
     first, rest = list(fields.pop("first")), fields.pop("rest")
@@ -82,7 +98,8 @@ def preset_config(name: str, **overrides) -> ModelConfig:
 
 
 def create_model(name: str, **overrides) -> TransformerLM:
-    """Build preset `name` (`"pythia"`, `"llama"`, and the memory presets) with `overrides`.
+    """Build preset `name` (`"pythia"`, `"llama"`, the memory presets, or a registered layer type)
+    with `overrides`.
 
     >>> model = create_model("pythia", vocab_size=512, hidden_size=64, num_attention_heads=4,
     ...                      intermediate_size=128, num_hidden_layers=2)
