@@ -88,7 +88,7 @@ def memory_switched_off(model):
     The ablation that shows what the memory contributes: the same weights, the memory read-out set
     to zero. That is what every layer reads during its first segment anyway (an empty memory reads
     as 0), so the ablated model stays on ground it was trained on."""
-    layers = [layer for layer in model.layers if layer.has_compressive_memory]
+    layers = [layer for layer in model.layers if layer.memory_enabled]  # the layers with a memory switched on
     before = [layer.memory_enabled for layer in layers]
     try:
         for layer in layers:
@@ -139,7 +139,7 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
         out["loss_memory_off"] = [float(v) for v in off]
         out["bin_loss_memory_off"] = binned(off)
         out["segment_length"] = min(layer.memory_segment_length for layer in model.layers
-                                    if layer.has_compressive_memory)
+                                    if layer.memory_segment_length is not None)
     return out
 
 

@@ -4,7 +4,8 @@ Each case is a tiny model: a 2-layer stack of one registered layer type (at its 
 a memory layer in the Llama block, or a preset at test sizes. For each one:
 
 * one call == any split with the state carried (halves, ragged, inside segments, 1 token at a
-  time), with full attention and with a sliding window wherever a layer has one, to 1e-5 (fp32);
+  time), with full attention, with a sliding window wherever a layer has one, and with the window
+  plus attention sinks, to 1e-5 (fp32);
 * causality: changing tokens after t never changes the logits at <= t;
 * a state file round trip into a fresh process (save_model + save_memory_state here, load and
   continue in a new Python process) gives the same logits as continuing here;
@@ -154,15 +155,17 @@ CASES.update({f"layer-{t}-llama-block-gqa": stack_of(t, **LLAMA_BLOCK)
 CASES.update({f"preset-{p}": preset(p) for p in sorted(PRESETS)})
 
 
-def build(case: str, window: int | None = None):
+def build(case: str, window: int | None = None, sinks: int = 0):
     torch.manual_seed(0)
     model = CASES[case]()
-    if window is not None:  # a sliding window on every layer that has one
+    if window is not None:  # a sliding window (and attention sinks) on every layer that has one
         layers = []
         for layer in model.layers:
             spec = layer.spec()
             if "sliding_window" in spec:
                 spec["sliding_window"] = window
+            if sinks and "attention_sinks" in spec:
+                spec["attention_sinks"] = sinks
             layers.append(spec)
         torch.manual_seed(0)
         model = build_model(dataclasses.replace(model.config, layers=layers))
@@ -190,14 +193,15 @@ def run_split(model, ids, cuts, state=None):
     return torch.cat(outs, dim=1), state
 
 
-WINDOW_CASES = [(c, w) for c in CASES for w in (None, 6) if w is None or has_window(c)]
+WINDOWS = {"full": (None, 0), "window6": (6, 0), "window6-sinks2": (6, 2)}
+WINDOW_CASES = [(c, w) for c in CASES for w in WINDOWS if w == "full" or has_window(c)]
 
 
 # ---------------------------------------------------------------------------- the suite
 @pytest.mark.parametrize("split", sorted(SPLITS))
-@pytest.mark.parametrize("case,window", WINDOW_CASES, ids=[f"{c}-{'window6' if w else 'full'}" for c, w in WINDOW_CASES])
+@pytest.mark.parametrize("case,window", WINDOW_CASES, ids=[f"{c}-{w}" for c, w in WINDOW_CASES])
 def test_one_call_equals_any_split(case, window, split):
-    model, ids = build(case, window), ids_()
+    model, ids = build(case, *WINDOWS[window]), ids_()
     with torch.no_grad():
         full = model(ids).logits
         pieces, _ = run_split(model, ids, SPLITS[split])
@@ -279,7 +283,7 @@ def test_declared_capabilities_answer(case):
         assert tokens is None or tokens == 23
         assert isinstance(layer.uses_positions, bool) and isinstance(layer.gates(), dict)
         assert all(p.requires_grad for ps in layer.param_groups().values() for p in ps)
-        if layer.has_compressive_memory:
+        if layer.has_compressive_memory or layer.memory_enabled:  # a memory, switched on (an adapter's new layer)
             assert layer.memory_segment_length >= 1 and layer.memory_enabled
         else:
             with pytest.raises(NewLLMError, match="has no memory"):

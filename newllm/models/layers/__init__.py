@@ -9,6 +9,7 @@ from newllm.models.layers.llama import LlamaLayer, LlamaLayerConfig
 from newllm.models.layers.pythia import PythiaLayer, PythiaLayerConfig
 from newllm.models.layers.multi_memory import MultiMemoryLayer, MultiMemoryLayerConfig, MultiMemoryState
 from newllm.models.layers.hierarchical import HierarchicalLayer, HierarchicalLayerConfig, HierarchicalState
+from newllm.models.layers.adapter import ParallelAdapter, ParallelAdapterConfig
 
 __all__ = [
     "LAYER_REGISTRY", "BaseLayer", "StateField", "build_layer", "register_layer",
@@ -18,4 +19,5 @@ __all__ = [
     "InfiniLayer", "InfiniLayerConfig", "InfiniState",
     "MultiMemoryLayer", "MultiMemoryLayerConfig", "MultiMemoryState",
     "HierarchicalLayer", "HierarchicalLayerConfig", "HierarchicalState",
+    "ParallelAdapter", "ParallelAdapterConfig",
 ]

@@ -11,7 +11,9 @@ per head ((B, T, h, 3 Dh): q, k, v of head 0, then of head 1, ...), rotated with
 
 State (`KVCache`): every key and value seen so far, already rotated, and the next position. With
 `sliding_window` W each query sees its W most recent keys (itself included), inside one call and
-across calls alike, and the cache keeps only the last W - 1 (all a future query can see).
+across calls alike, and the cache keeps only the last W - 1 (all a future query can see). With
+`attention_sinks` s as well, the first s tokens stay visible to every query (StreamingLLM, arXiv
+2309.17453) and the cache keeps them in front of the recent W - 1.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from newllm.models.layers.base import StateField
-from newllm.models.layers.blocks import TokenMixer
+from newllm.models.layers.blocks import Tap, TokenMixer
 from newllm.models.ops.attention import causal_attention
 from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq, split_qkv_rope
 
@@ -30,7 +32,8 @@ class KVCache(NamedTuple):
 
     k, v: (B, hkv, Tc, Dh), already rotated (RoPE applied) so they are reused as they are;
     pos: 0-dim int64 tensor, the absolute position of the next token. With a sliding window W only
-    the last W-1 keys are kept (all a future query can see).
+    the last W-1 keys are kept (all a future query can see); with s attention sinks, the first s
+    keys are kept in front of them (positions: `cache_positions`).
     """
 
     k: torch.Tensor
@@ -58,17 +61,26 @@ def extend_kv_cache(
     return k_all, v_all, start, new_state
 
 
+def cache_positions(length: int, pos: int, sinks: int, device=None) -> torch.Tensor:
+    """Positions of a cache of `length` keys before position `pos`: 0..pos-1 while nothing has left
+    it, else the s sinks 0..s-1 followed by the most recent keys."""
+    if length == pos:
+        return torch.arange(pos, device=device)
+    return torch.cat((torch.arange(sinks, device=device), torch.arange(pos - (length - sinks), pos, device=device)))
+
+
 class SoftmaxAttention(TokenMixer):
     """Causal softmax attention over a KV cache (module docstring)."""
 
     state_type = KVCache
 
     def __init__(self, *, style: str, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
-                 bias: bool, rotary_ndims: int, rope_base: float, sliding_window: int | None):
+                 bias: bool, rotary_ndims: int, rope_base: float, sliding_window: int | None, sinks: int = 0):
         super().__init__()
         self.build_projections(style, hidden_size, num_heads, num_kv_heads, head_dim, bias)
-        self.rotary_ndims, self.sliding_window = rotary_ndims, sliding_window
+        self.rotary_ndims, self.sliding_window, self.sinks = rotary_ndims, sliding_window, sinks
         self.register_buffer("inv_freq", rope_inv_freq(rotary_ndims, rope_base), persistent=False)
+        self.tap_q_rope, self.tap_k_rope = Tap(), Tap()  # q/k after RoPE, for newllm.diagnostics
 
     @property
     def uses_positions(self) -> bool:
@@ -102,6 +114,26 @@ class SoftmaxAttention(TokenMixer):
         B, T, _ = x.shape
         start = 0 if state is None else int(state.pos)
         q, k, v = self.qkv(x, start)
+        q, k = self.tap_q_rope(q), self.tap_k_rope(k)
+        if self.sinks:
+            return self.forward_with_sinks(q, k, v, state, start)
         k_all, v_all, k_start, new_state = extend_kv_cache(state, k, v, self.sliding_window)
         out = causal_attention(q, k_all, v_all, start, k_start, self.head_dim**-0.5, self.sliding_window)
+        return self.output(out.transpose(1, 2).reshape(B, T, -1)), new_state
+
+    def forward_with_sinks(self, q, k, v, state: KVCache | None, start: int):
+        """The window plus the first `sinks` tokens (the cache is not contiguous: explicit positions)."""
+        B, _, T, _ = q.shape
+        if state is None:
+            k_all, v_all, pos_k = k, v, torch.arange(start, start + T, device=q.device)
+        else:
+            k_all, v_all = torch.cat((state.k.to(k.dtype), k), dim=-2), torch.cat((state.v.to(v.dtype), v), dim=-2)
+            pos_k = torch.cat((cache_positions(state.k.shape[-2], start, self.sinks, q.device),
+                               torch.arange(start, start + T, device=q.device)))
+        out = causal_attention(q, k_all, v_all, start, 0, self.head_dim**-0.5, self.sliding_window, self.sinks,
+                               k_positions=pos_k)
+        end = start + T
+        keep = ((pos_k < self.sinks) | (pos_k >= end - (self.sliding_window - 1))).nonzero().flatten()
+        new_state = KVCache(k_all.index_select(-2, keep), v_all.index_select(-2, keep),
+                            torch.tensor(end, dtype=torch.long))
         return self.output(out.transpose(1, 2).reshape(B, T, -1)), new_state

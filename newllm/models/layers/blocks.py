@@ -36,6 +36,12 @@ STYLES = ("neox", "llama")
 MIXER_NAME = {"neox": "attention", "llama": "self_attn"}  # Hugging Face's module names
 
 
+class Tap(nn.Identity):
+    """A hookable point inside a forward: returns its input unchanged (no parameters, no numerics).
+    `newllm.diagnostics` hooks these to see tensors that are no module's output (q/k after RoPE,
+    a memory mixer's read-out, local part and gate)."""
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 as `transformers` does."""
 

@@ -30,7 +30,8 @@ class LlamaLayerConfig:
     rms_norm_eps: float = 1e-5
     attention_bias: bool = False
     mlp_bias: bool = False
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # None: full causal attention; W: each query sees W keys
+    attention_sinks: int = 0  # with a window: the first s tokens stay visible to every query (StreamingLLM)
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -49,6 +50,10 @@ class LlamaLayerConfig:
             raise NewLLMError(f"LlamaLayer: head_dim must be even for RoPE, got {self.head_dim}")
         if self.sliding_window is not None:
             check_positive("LlamaLayer", sliding_window=self.sliding_window)
+        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
+            raise NewLLMError(f"LlamaLayer: attention_sinks must be >= 0 and needs a sliding_window (without one "
+                              f"every token is visible anyway), got attention_sinks={self.attention_sinks}, "
+                              f"sliding_window={self.sliding_window}")
 
 
 @register_layer("llama")
@@ -64,5 +69,6 @@ class LlamaLayer(Block):
         c = resolve_config(LlamaLayerConfig, config, args, kwargs)
         mixer = SoftmaxAttention(style="llama", hidden_size=c.hidden_size, num_heads=c.num_attention_heads,
                                  num_kv_heads=c.num_key_value_heads, head_dim=c.head_dim, bias=c.attention_bias,
-                                 rotary_ndims=c.head_dim, rope_base=c.rope_theta, sliding_window=c.sliding_window)
+                                 rotary_ndims=c.head_dim, rope_base=c.rope_theta, sliding_window=c.sliding_window,
+                                 sinks=c.attention_sinks)
         super().__init__(c, mixer, style="llama", norm_eps=c.rms_norm_eps, hidden_act="silu", mlp_bias=c.mlp_bias)

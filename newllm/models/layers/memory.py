@@ -42,7 +42,7 @@ from torch import nn
 
 from newllm.errors import NewLLMError
 from newllm.models.layers.base import StateField, check_positive, check_state_fields, resolve_config
-from newllm.models.layers.blocks import ACTIVATIONS, STYLES, Block, TokenMixer
+from newllm.models.layers.blocks import ACTIVATIONS, STYLES, Block, Tap, TokenMixer
 from newllm.models.ops.attention import causal_attention
 from newllm.models.ops.linear_attention import causal_linear_attention
 
@@ -172,6 +172,8 @@ class MemoryMixer(TokenMixer):
                                c.attention_bias)
         self.beta = nn.Parameter(torch.full((c.num_attention_heads,), float(c.gate_init)))
         self.memory = memory
+        # the local part, the memory read-out and the gate, for newllm.diagnostics (identity)
+        self.tap_local, self.tap_memory_read, self.tap_gate = Tap(), Tap(), Tap()
         self.memory_enabled = c.use_memory  # the ablation switch (BaseLayer.memory_enabled)
         if tuple(state_type._fields) != (*memory.state_fields(), *TAIL_FIELDS):
             raise NewLLMError(f"{state_type.__name__} must have the fields of its memory followed by {TAIL_FIELDS}")
@@ -257,8 +259,8 @@ class MemoryMixer(TokenMixer):
             k_all, v_all = k, v
         L = p + T
         heads = lambda t, n, D: t.view(B, t.shape[1], n, D)  # noqa: E731  (B, *, n, D), token-major
-        a_loc = self.local_attention(heads(q, h, Dh), heads(k_all, hkv, Dh), heads(v_all, hkv, Dh), p)
-        g = torch.sigmoid(self.beta).to(a_loc.dtype).view(1, 1, h, 1)
+        a_loc = self.tap_local(self.local_attention(heads(q, h, Dh), heads(k_all, hkv, Dh), heads(v_all, hkv, Dh), p))
+        g = self.tap_gate(torch.sigmoid(self.beta).to(a_loc.dtype).view(1, 1, h, 1))
         if self.memory_enabled:
             k_mem, v_mem = k_all, v_all
             if hkv != h:  # the memory sees every query head's key/value: repeat the GQA groups
@@ -266,7 +268,7 @@ class MemoryMixer(TokenMixer):
                 v_mem = heads(v_all, hkv, Dh).repeat_interleave(h // hkv, dim=2).flatten(2)
             a_mem, fields = self.memory.scan(x, *(heads(t, Hm, Dm).transpose(1, 2) for t in (q, k_mem, v_mem)),
                                              state)
-            a_mem = a_mem.transpose(1, 2).reshape(B, T, h, Dh)  # memory heads -> attention heads
+            a_mem = self.tap_memory_read(a_mem.transpose(1, 2).reshape(B, T, h, Dh))  # memory heads -> attention heads
             a = torch.lerp(a_loc, a_mem, g)  # eq. 6: A = sigmoid(beta) A_mem + (1 - sigmoid(beta)) A_loc
             state = state._replace(**fields)
         else:

@@ -35,6 +35,7 @@ class PythiaLayerConfig:
     attention_bias: bool = True
     hidden_act: str = "gelu"
     sliding_window: int | None = None  # None: full causal attention; W: each query sees W keys
+    attention_sinks: int = 0  # with a window: the first s tokens stay visible to every query (StreamingLLM)
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -49,6 +50,10 @@ class PythiaLayerConfig:
             raise NewLLMError(f"PythiaLayer: unknown hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
         if self.sliding_window is not None:
             check_positive("PythiaLayer", sliding_window=self.sliding_window)
+        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
+            raise NewLLMError(f"PythiaLayer: attention_sinks must be >= 0 and needs a sliding_window (without one "
+                              f"every token is visible anyway), got attention_sinks={self.attention_sinks}, "
+                              f"sliding_window={self.sliding_window}")
 
     @property
     def head_size(self) -> int:
@@ -69,6 +74,7 @@ class PythiaLayer(Block):
         h = c.num_attention_heads
         mixer = SoftmaxAttention(style="neox", hidden_size=c.hidden_size, num_heads=h, num_kv_heads=h,
                                  head_dim=c.head_size, bias=c.attention_bias, rotary_ndims=c.rotary_ndims,
-                                 rope_base=c.rotary_emb_base, sliding_window=c.sliding_window)
+                                 rope_base=c.rotary_emb_base, sliding_window=c.sliding_window,
+                                 sinks=c.attention_sinks)
         super().__init__(c, mixer, style="neox", norm_eps=c.layer_norm_eps, hidden_act=c.hidden_act,
                          mlp_bias=True, parallel_residual=c.use_parallel_residual)

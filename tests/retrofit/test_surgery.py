@@ -1,0 +1,104 @@
+"""Surgery on pretrained-shaped models (tiny Llama with GQA, tiny GPT-NeoX): changed layer options
+keep the weights; attention layers become memory layers initialised from them (Q/K/V/O copied, GQA
+kept, GPT-NeoX's interleaved rows reordered); the alpha-0 parallel adapter is the original exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from newllm import NewLLMError, create_model
+from newllm.models.layers import InfiniLayer, ParallelAdapter, PythiaLayer
+from newllm.retrofit import memory_from_attention, with_layer_options
+
+TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3)
+
+
+def tiny(name: str):
+    torch.manual_seed(0)
+    extra = {"num_key_value_heads": 2} if name == "llama" else {}
+    model = create_model(name, **TINY, **extra).eval()
+    with torch.no_grad():  # pretrained-like: no zero biases, norms away from 1
+        for n, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def ids_(T: int = 37):
+    return torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", ["llama", "pythia"])
+def test_with_layer_options_keeps_weights_and_applies_the_option(name):
+    model = tiny(name)
+    windowed = with_layer_options(model, {1: {"sliding_window": 4, "attention_sinks": 1}})
+    assert windowed.layers[1].config.sliding_window == 4 and model.layers[1].config.sliding_window is None
+    for (n, a), (_, b) in zip(model.state_dict().items(), windowed.state_dict().items()):
+        assert torch.equal(a, b), n
+    with torch.no_grad():
+        a, b = model(ids_()).logits, windowed(ids_()).logits
+    torch.testing.assert_close(a[:, :4], b[:, :4], atol=1e-6, rtol=0)  # inside the window: the same
+    assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-4
+    with pytest.raises(NewLLMError, match=r"layer 1 \(\w+\) has no option\(s\) \['sliding_windw'\]"):
+        with_layer_options(model, {1: {"sliding_windw": 4}})
+    with pytest.raises(NewLLMError, match=r"layer indices \[3\]"):
+        with_layer_options(model, {3: {"sliding_window": 4}})
+
+
+@pytest.mark.parametrize("name", ["llama", "pythia"])
+def test_memory_layer_is_initialised_from_the_attention(name):
+    model = tiny(name)
+    out = memory_from_attention(model, [0], segment_length=8)
+    old, new = model.layers[0], out.layers[0]
+    assert isinstance(new, InfiniLayer) and new.config.block == ("llama" if name == "llama" else "neox")
+    assert new.mixer.kv_heads == old.mixer.kv_heads and new.mixer.heads == old.mixer.heads  # GQA kept
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        q_old, k_old, v_old = (old.mixer if name == "llama" else _no_rope(old.mixer)).qkv(x, 0)
+        q, k, v = new.mixer.project(x)
+        heads = lambda t: t.view(2, 5, -1, old.mixer.head_dim).transpose(1, 2)  # noqa: E731
+        if name == "pythia":  # no rotary in the comparison: the same q, k, v rows, reordered
+            torch.testing.assert_close(heads(q), q_old, atol=1e-6, rtol=0)
+            torch.testing.assert_close(heads(k), k_old, atol=1e-6, rtol=0)
+        torch.testing.assert_close(heads(v), v_old, atol=1e-6, rtol=0)
+        for n, p in old.mlp.state_dict().items():
+            assert torch.equal(p, new.mlp.state_dict()[n])
+        for i in (1, 2):  # the other layers untouched
+            for (n, a), (_, b) in zip(model.layers[i].state_dict().items(), out.layers[i].state_dict().items()):
+                assert torch.equal(a, b), n
+        assert torch.isfinite(out(ids_()).logits).all()
+
+
+def _no_rope(mixer):
+    """The Pythia mixer with rotary switched off, so its q/k can be compared with the NoPE memory's."""
+    import copy
+
+    m = copy.deepcopy(mixer)
+    m.rotary_ndims = 0
+    return m
+
+
+@pytest.mark.parametrize("name", ["llama", "pythia"])
+@pytest.mark.parametrize("kind", ["infini", "multi_memory", "hierarchical"])
+def test_alpha0_adapter_is_the_original_bit_for_bit(name, kind):
+    model = tiny(name)
+    adapted = memory_from_attention(model, [0, 2], kind=kind, adapter=True, alpha_init=0.0, segment_length=8)
+    assert all(isinstance(adapted.layers[i], ParallelAdapter) for i in (0, 2))
+    ids = ids_(41)
+    with torch.no_grad():
+        assert torch.equal(adapted(ids).logits, model(ids).logits)
+        cont = adapted(ids[:, 20:], state=adapted(ids[:, :20]).state).logits  # with the state carried
+        assert torch.equal(cont, model(ids[:, 20:], state=model(ids[:, :20]).state).logits)
+    # alpha is the only new-branch parameter with a gradient at alpha = 0 (the seed's "alpha is not learned")
+    adapted.train()
+    adapted(ids, labels=ids).loss.backward()
+    a = adapted.layers[0]
+    assert a.alpha.grad is not None and a.alpha.grad.abs() > 0
+    assert all(p.grad is None or not p.grad.any() for p in a.new.parameters())
+    assert a.param_groups()["gates"][0] is a.alpha
+
+
+def test_adapter_refuses_a_stateless_or_mismatched_layer():
+    with pytest.raises(NewLLMError, match="differ in hidden_size"):
+        ParallelAdapter(PythiaLayer(32, 4, 64), InfiniLayer(64, 4, 64))
+    with pytest.raises(NewLLMError, match="can replace a pythia or llama layer"):
+        memory_from_attention(memory_from_attention(tiny("llama"), [0]), [0])
