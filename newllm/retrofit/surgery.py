@@ -48,9 +48,16 @@ def memory_spec(spec: dict, kind: str = "infini", **options) -> dict:
     GQA and block of the attention layer `spec` (a pythia or llama layer), plus `options`."""
     from newllm.models.layers import LAYER_REGISTRY
 
-    if kind not in ("infini", "multi_memory", "hierarchical"):
-        raise NewLLMError(f"memory_spec: kind must be infini, multi_memory or hierarchical, got {kind!r}")
+    kinds = ("infini", "multi_memory", "hierarchical", "window_memory")
+    if kind not in kinds:
+        raise NewLLMError(f"memory_spec: kind must be one of {kinds}, got {kind!r}")
     t = spec["type"]
+    if kind == "window_memory":  # RoPE kept: the window is the layer's own attention
+        if t != "llama":
+            raise NewLLMError(f"memory_spec: window_memory replaces a llama layer, got {t!r}")
+        fields = {k: spec[k] for k in ("hidden_size", "num_attention_heads", "intermediate_size", "num_key_value_heads",
+                                       "rope_theta", "rms_norm_eps", "attention_bias", "mlp_bias", "initializer_range")}
+        return {"type": kind, **LAYER_REGISTRY[kind].config_class(**{**fields, **options}).__dict__}
     if t == "llama":
         if spec["head_dim"] * spec["num_attention_heads"] != spec["hidden_size"]:
             raise NewLLMError(f"memory_spec: layer head_dim {spec['head_dim']} x {spec['num_attention_heads']} heads != "
@@ -79,8 +86,9 @@ def memory_from_attention(model, layers: list[int], kind: str = "infini", adapte
                           alpha_init: float = 0.0, **options):
     """A copy of `model` whose `layers` (pythia or llama attention layers) become memory layers
     initialised from them: Q/K/V/O, MLP and norms copied (GQA kept; GPT-NeoX's interleaved QKV rows
-    reordered), the memory's own parameters (gate beta, ...) at their init. The memory mixer uses no
-    positions (NoPE, as the seed's Infini layer). With `adapter=True` each becomes a ParallelAdapter
+    reordered), the memory's own parameters (gate beta, feature maps, ...) at their init. The Infini
+    kinds use no positions (NoPE, as the seed's Infini layer); `window_memory` keeps RoPE (the last
+    `window` tokens through the layer's own softmax attention, older ones through the memory). With `adapter=True` each becomes a ParallelAdapter
     of the original layer and the memory layer (`alpha_init`: the seed's 0 gives the original's
     outputs exactly). `options` go to the memory layers' config (segment_length, ...)."""
     from newllm.models.layers import ParallelAdapter  # noqa: F401 (registers "parallel_adapter")
@@ -122,4 +130,5 @@ def memory_from_attention(model, layers: list[int], kind: str = "infini", adapte
 
 def _memory_own(name: str) -> bool:
     """Parameters a memory layer or adapter adds (initialised, not copied)."""
-    return name.endswith((".beta", ".alpha", ".route_log_scale", ".expansion.weight", ".expansion.bias"))
+    return name.endswith((".beta", ".alpha", ".route_log_scale", ".expansion.weight", ".expansion.bias",
+                          ".window_factor", ".feature_map.weight"))

@@ -10,6 +10,7 @@ from newllm.models.layers.pythia import PythiaLayer, PythiaLayerConfig
 from newllm.models.layers.multi_memory import MultiMemoryLayer, MultiMemoryLayerConfig, MultiMemoryState
 from newllm.models.layers.hierarchical import HierarchicalLayer, HierarchicalLayerConfig, HierarchicalState
 from newllm.models.layers.adapter import ParallelAdapter, ParallelAdapterConfig
+from newllm.models.layers.window_memory import WindowMemoryLayer, WindowMemoryLayerConfig, WindowMemoryState
 
 __all__ = [
     "LAYER_REGISTRY", "BaseLayer", "StateField", "build_layer", "register_layer",
@@ -19,5 +20,5 @@ __all__ = [
     "InfiniLayer", "InfiniLayerConfig", "InfiniState",
     "MultiMemoryLayer", "MultiMemoryLayerConfig", "MultiMemoryState",
     "HierarchicalLayer", "HierarchicalLayerConfig", "HierarchicalState",
-    "ParallelAdapter", "ParallelAdapterConfig",
+    "ParallelAdapter", "ParallelAdapterConfig", "WindowMemoryLayer", "WindowMemoryLayerConfig", "WindowMemoryState",
 ]

@@ -21,6 +21,8 @@ from typing import NamedTuple
 
 import torch
 
+from newllm.errors import NewLLMError
+
 from newllm.models.layers.base import StateField
 from newllm.models.layers.blocks import Tap, TokenMixer
 from newllm.models.ops.attention import causal_attention
@@ -59,6 +61,15 @@ def extend_kv_cache(
         keep_v = v_all[..., v_all.shape[-2] - keep_k.shape[-2]:, :]
     new_state = KVCache(keep_k, keep_v, torch.tensor(pos, dtype=torch.long))
     return k_all, v_all, start, new_state
+
+
+def check_window(owner: str, sliding_window: int | None, sinks: int) -> None:
+    """The config check of a window and its sinks (one-line errors naming the layer type)."""
+    if sliding_window is not None and sliding_window <= 0:
+        raise NewLLMError(f"{owner}: sliding_window must be > 0, got {sliding_window}")
+    if sinks < 0 or (sinks and sliding_window is None):
+        raise NewLLMError(f"{owner}: attention_sinks must be >= 0 and needs a sliding_window (without one every token "
+                          f"is visible anyway), got attention_sinks={sinks}, sliding_window={sliding_window}")
 
 
 def cache_positions(length: int, pos: int, sinks: int, device=None) -> torch.Tensor:

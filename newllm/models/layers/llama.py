@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from newllm.errors import NewLLMError
-from newllm.models.layers.attention import KVCache, SoftmaxAttention
+from newllm.models.layers.attention import KVCache, SoftmaxAttention, check_window
 from newllm.models.layers.base import check_positive, register_layer, resolve_config
 from newllm.models.layers.blocks import Block
 
@@ -48,12 +48,7 @@ class LlamaLayerConfig:
                               f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise NewLLMError(f"LlamaLayer: head_dim must be even for RoPE, got {self.head_dim}")
-        if self.sliding_window is not None:
-            check_positive("LlamaLayer", sliding_window=self.sliding_window)
-        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
-            raise NewLLMError(f"LlamaLayer: attention_sinks must be >= 0 and needs a sliding_window (without one "
-                              f"every token is visible anyway), got attention_sinks={self.attention_sinks}, "
-                              f"sliding_window={self.sliding_window}")
+        check_window("LlamaLayer", self.sliding_window, self.attention_sinks)
 
 
 @register_layer("llama")

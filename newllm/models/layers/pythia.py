@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from newllm.errors import NewLLMError
-from newllm.models.layers.attention import KVCache, SoftmaxAttention
+from newllm.models.layers.attention import KVCache, SoftmaxAttention, check_window
 from newllm.models.layers.base import check_positive, register_layer, resolve_config
 from newllm.models.layers.blocks import ACTIVATIONS, Block
 
@@ -48,12 +48,7 @@ class PythiaLayerConfig:
             raise NewLLMError(f"PythiaLayer: rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.hidden_act not in ACTIVATIONS:
             raise NewLLMError(f"PythiaLayer: unknown hidden_act {self.hidden_act!r}; known: {sorted(ACTIVATIONS)}")
-        if self.sliding_window is not None:
-            check_positive("PythiaLayer", sliding_window=self.sliding_window)
-        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
-            raise NewLLMError(f"PythiaLayer: attention_sinks must be >= 0 and needs a sliding_window (without one "
-                              f"every token is visible anyway), got attention_sinks={self.attention_sinks}, "
-                              f"sliding_window={self.sliding_window}")
+        check_window("PythiaLayer", self.sliding_window, self.attention_sinks)
 
     @property
     def head_size(self) -> int:
