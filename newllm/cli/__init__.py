@@ -11,7 +11,7 @@ import sys
 from newllm.errors import NewLLMError
 
 #: subcommand modules, in the order `newllm --help` lists them
-COMMANDS = ["info", "generate", "train", "eval", "experiment", "memory"]
+COMMANDS = ["info", "generate", "train", "eval", "experiment", "memory", "trace"]
 
 
 def build_parser() -> argparse.ArgumentParser:
