@@ -1,7 +1,7 @@
 """Attention transfer (LoLCATs' stage 1): train a replaced layer's new parts so that its mixer's
 output matches the original mixer's, each fed the TEACHER's input (teacher forcing).
 
-    pairs = capture_mixer_io(teacher, layer, windows)      # (normed input, mixer output) per window
+    pairs = capture_mixer_io(teacher, [layer], windows)[layer]   # (normed input, mixer output) per window
     losses = attention_transfer(student.layers[layer], pairs, steps=200, lr=1e-2)
 
 Only the parameters the student's mixer adds to the attention it was initialised from are trained
@@ -18,19 +18,21 @@ from newllm.errors import NewLLMError
 
 
 @torch.no_grad()
-def capture_mixer_io(model, layer: int, windows: list[torch.Tensor], progress: bool = False):
-    """[(mixer input (1, T, d), mixer output (1, T, d))] of `model.layers[layer]` for each window (1, T)."""
+def capture_mixer_io(model, layers: list[int], windows: list[torch.Tensor], progress: bool = False):
+    """{layer: [(mixer input (1, T, d), mixer output (1, T, d)) per window (1, T)]} for `layers` of
+    `model`, all from one teacher pass per window."""
     from tqdm.auto import tqdm
 
-    mixer = model.layers[layer].mixer
-    got: list[tuple[torch.Tensor, torch.Tensor]] = []
-    handle = mixer.register_forward_hook(lambda _m, inp, out: got.append((inp[0].detach(), out[0].detach())))
+    got: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {i: [] for i in layers}
+    handles = [model.layers[i].mixer.register_forward_hook(
+        lambda _m, inp, out, i=i: got[i].append((inp[0].detach(), out[0].detach()))) for i in layers]
     try:
         with model.memory_aside(train=False):
             for ids in tqdm(windows, desc="teacher activations", disable=not progress):
                 model(ids, logits_to_keep=1)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return got
 
 

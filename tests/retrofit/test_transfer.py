@@ -14,7 +14,9 @@ def test_transfer_trains_only_the_new_parts_on_the_teachers_inputs():
     teacher = create_model("llama", vocab_size=97, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                            intermediate_size=64, num_hidden_layers=3).eval()
     windows = [torch.randint(0, 97, (1, 48), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    pairs = capture_mixer_io(teacher, 1, windows)
+    both = capture_mixer_io(teacher, [0, 1], windows)
+    pairs = both[1]
+    assert len(both[0]) == len(pairs) == 3
     with torch.no_grad():  # the captured input is what layer 1's mixer sees inside the teacher
         h = teacher.embed(windows[0])
         h, _ = teacher.layers[0](h)
