@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the window+sinks baseline")
+    p.add_argument("--memory-sinks", type=int, default=0, help="attention sinks inside the retrofitted layers too")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     pairs = capture_mixer_io(teacher, layers, windows, progress=True)
     t_capture = time.perf_counter() - t0
     student = memory_from_attention(teacher, layers, kind="window_memory", window=args.window,
-                                    feature_map=args.feature_map)
+                                    feature_map=args.feature_map, attention_sinks=args.memory_sinks)
     t0 = time.perf_counter()
     losses = {i: attention_transfer(student.layers[i], pairs.pop(i), steps=args.steps, lr=args.lr, progress=True)
               for i in layers}  # each layer alone, on the teacher's own inputs to it
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
         r = sliding_window_perplexity(model, ids, context=args.context, stride=args.stride, batch_size=1, text=text)
         return {"token_ppl": r.token_ppl, "word_ppl": r.word_ppl, "bits_per_byte": r.bits_per_byte}
 
-    res = {"model": str(model_path), "layers": layers, "window": args.window, "feature_map": args.feature_map,
+    res = {"model": str(model_path), "layers": layers, "window": args.window, "memory_sinks": args.memory_sinks,
+           "feature_map": args.feature_map,
            "train_tokens": args.train_windows * args.seq, "steps": args.steps, "lr": args.lr,
            "capture_s": t_capture, "train_s": t_train, "loss_first": {i: v[0] for i, v in losses.items()},
            "loss_last": {i: v[-1] for i, v in losses.items()},
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
     res["retrofit"] = ppl(student)
     for i in layers:
         student.layers[i].memory_enabled = False
-    res["window_only"] = ppl(student)  # the same layers restricted to the window, no memory
+    res["window_only"] = ppl(student)  # the same layers restricted to the window (+ memory sinks), no memory
     for i in layers:
         student.layers[i].memory_enabled = True
     sinks = with_layer_options(teacher, {i: {"sliding_window": args.window, "attention_sinks": args.sinks}

@@ -68,3 +68,18 @@ def test_memory_terms_are_the_lolcats_combination():
         b = (fq @ fk.transpose(-1, -2)) * old
         ref = ((a + b) @ v) / ((a + b).sum(-1, keepdim=True) + 1e-12)
         torch.testing.assert_close(y, mixer.output(ref.transpose(1, 2).reshape(1, 17, 32)), atol=1e-5, rtol=0)
+
+
+def test_with_sinks_memory_off_is_the_original_with_window_and_sinks():
+    model = llama()
+    out = memory_from_attention(model, [0], kind="window_memory", window=6, attention_sinks=2)
+    ref = with_layer_options(model, {0: {"sliding_window": 6, "attention_sinks": 2}})
+    out.layers[0].memory_enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids_()).logits, ref(ids_()).logits, atol=1e-5, rtol=0)
+        state = out(ids_()).state[0]
+    assert state.k.shape[2] == 2 + 5  # the sinks and the window's last W - 1
+    out.layers[0].memory_enabled = True
+    with torch.no_grad():  # with the memory on, the sinks are not in it: the output differs from no sinks
+        no_sinks = memory_from_attention(model, [0], kind="window_memory", window=6)
+        assert (out(ids_()).logits[:, 8:] - no_sinks(ids_()).logits[:, 8:]).abs().max() > 1e-4

@@ -2,8 +2,8 @@
 older token, under one normaliser (LoLCATs, arXiv 2410.10254, eq. 7), in a Llama block.
 
     q, k, v = q_proj, k_proj, v_proj (x);  q, k = rope(q), rope(k)          RoPE kept (unlike Infini)
-    window:  a_tj = w * exp(q_t . k_j / sqrt(Dh) - m_t)        t - W < j <= t  (m_t: the max over them)
-    memory:  b_tj = l * phi(q_t) . phi(k_j)                    j <= t - W     (every older token)
+    window:  a_tj = w * exp(q_t . k_j / sqrt(Dh) - m_t)        t - W < j <= t, or j < s (the sinks)
+    memory:  b_tj = l * phi(q_t) . phi(k_j)                    s <= j <= t - W (every older token)
     y_t     = (sum_j a_tj v_j + sum_j b_tj v_j) / (sum_j a_tj + sum_j b_tj + eps)
     out     = o_proj(y)
 
@@ -18,7 +18,12 @@ the original); only what falls out of the window goes through the memory, whose 
 trained to make the combination match the original attention (attention transfer). The state is a
 fixed-size memory plus the last W - 1 keys/values, whatever the stream length.
 
-State (`WindowMemoryState`): the window's rotated keys and values (B, hkv, <= W-1, Dh), the memory
+With `attention_sinks` s the first s tokens stay in the softmax part (StreamingLLM's sinks): at
+SmolLM2's layer 15 four sinks alone recover as much as the memory (docs/retrofit.md), so the two
+are combined rather than compared.
+
+State (`WindowMemoryState`): the window's rotated keys and values (B, hkv, <= s + W-1, Dh; the sinks
+first), the memory
 `kv` = sum phi(k_j)^T v_j (B, h, 2F or Dh, Dh) and `k_sum` = sum phi(k_j) (B, h, 2F or Dh) over the
 tokens that left the window (fp32), and the next position. A token is written into the memory when
 it leaves the window, so one call equals any split.
@@ -32,6 +37,7 @@ import torch
 from torch import nn
 
 from newllm.errors import NewLLMError
+from newllm.models.layers.attention import cache_positions
 from newllm.models.layers.base import StateField, check_positive, register_layer, resolve_config
 from newllm.models.layers.blocks import Block, TokenMixer
 from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
@@ -50,6 +56,7 @@ class WindowMemoryLayerConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     window: int = 64  # W: keys each query attends to with softmax (itself included)
+    attention_sinks: int = 0  # s: the first s tokens stay in the softmax part for every query (StreamingLLM)
     feature_map: str = "hedgehog"  # "hedgehog" (learned, init identity) or "elu" (elu + 1)
     window_factor_init: float = -2.197  # w = sigmoid(init) = 0.1 (LoLCATs)
     affine_factors: bool = False  # l = 1 - w instead of 1
@@ -66,6 +73,8 @@ class WindowMemoryLayerConfig:
             raise NewLLMError(f"WindowMemoryLayer: hidden_size {self.hidden_size}, num_attention_heads "
                               f"{self.num_attention_heads} and num_key_value_heads {self.num_key_value_heads} "
                               "must divide one another")
+        if self.attention_sinks < 0:
+            raise NewLLMError(f"WindowMemoryLayer: attention_sinks must be >= 0, got {self.attention_sinks}")
         if self.feature_map not in FEATURE_MAPS:
             raise NewLLMError(f"WindowMemoryLayer: feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
 
@@ -75,7 +84,7 @@ class WindowMemoryLayerConfig:
 
 
 class WindowMemoryState(NamedTuple):
-    k: torch.Tensor  # (B, hkv, P <= W-1, Dh): rotated keys of the window
+    k: torch.Tensor  # (B, hkv, P <= s + W-1, Dh): rotated keys of the sinks and the window
     v: torch.Tensor  # (B, hkv, P, Dh)
     kv: torch.Tensor  # (B, h, F, Dh) fp32: sum phi(k)^T v of the tokens that left the window
     k_sum: torch.Tensor  # (B, h, F) fp32: sum phi(k)
@@ -155,14 +164,14 @@ class WindowMemoryMixer(TokenMixer):
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=x.device), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = torch.cat((state.k.to(k.dtype), k), dim=2), torch.cat((state.v.to(v.dtype), v), dim=2)
-        L = k_all.shape[2]
-        k_start = start + T - L
+        L, S0 = k_all.shape[2], c.attention_sinks
         rep = lambda t: t.repeat_interleave(h // hkv, dim=1) if hkv != h else t  # noqa: E731  GQA groups
         kh, vh = rep(k_all).float(), rep(v_all).float()
         pos_q = torch.arange(start, start + T, device=x.device)[:, None]
-        pos_k = torch.arange(k_start, k_start + L, device=x.device)[None, :]
-        in_window = (pos_k <= pos_q) & (pos_q - pos_k < W)
-        older = pos_q - pos_k >= W  # left the window inside this call: read through the memory
+        pos_k = torch.cat((cache_positions(state.k.shape[2], start, S0, x.device),
+                           torch.arange(start, start + T, device=x.device)))[None, :]
+        in_window = (pos_k <= pos_q) & ((pos_q - pos_k < W) | (pos_k < S0))
+        older = (pos_q - pos_k >= W) & (pos_k >= S0)  # left the window inside this call: read through the memory
         s = (q.float() @ kh.transpose(-1, -2)) * Dh**-0.5  # (B, h, T, L)
         s = s.masked_fill(~in_window, float("-inf"))
         w = torch.sigmoid(self.window_factor.float()).view(1, h, 1, 1)
@@ -176,15 +185,17 @@ class WindowMemoryMixer(TokenMixer):
             num = num + b @ vh + lin * (fq @ state.kv.float())
             den = den + b.sum(-1, keepdim=True) + lin * (fq @ state.k_sum.float().unsqueeze(-1))
         y = (num / (den + c.memory_eps)).to(x.dtype)  # (B, h, T, Dh)
-        # tokens that leave the window before the next token (position start + T) enter the memory
-        leaving = (pos_k[0] < start + T - (W - 1)).nonzero().flatten()
+        # tokens that leave the window before the next token (position start + T) enter the memory;
+        # the sinks never leave
+        end = start + T
+        leaving = ((pos_k[0] < end - (W - 1)) & (pos_k[0] >= S0)).nonzero().flatten()
         kv, k_sum = state.kv, state.k_sum
         if self.memory_enabled and leaving.numel():
             fl, vl = fk.index_select(2, leaving), vh.index_select(2, leaving)
             kv, k_sum = kv + fl.transpose(-1, -2) @ vl, k_sum + fl.sum(2)
-        keep = max(W - 1, 0)
-        new_state = WindowMemoryState(k_all[:, :, L - min(keep, L):], v_all[:, :, L - min(keep, L):], kv, k_sum,
-                                      torch.tensor(start + T, dtype=torch.long))
+        keep = ((pos_k[0] < S0) | (pos_k[0] >= end - (W - 1))).nonzero().flatten()
+        new_state = WindowMemoryState(k_all.index_select(2, keep), v_all.index_select(2, keep), kv, k_sum,
+                                      torch.tensor(end, dtype=torch.long))
         return self.output(y.transpose(1, 2).reshape(B, T, h * Dh)), new_state
 
 
@@ -197,7 +208,7 @@ class WindowMemoryLayer(Block):
     @classmethod
     def tiny_config(cls) -> WindowMemoryLayerConfig:
         return WindowMemoryLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                       num_key_value_heads=2, window=6, window_factor_init=0.0)
+                                       num_key_value_heads=2, window=6, attention_sinks=2, window_factor_init=0.0)
 
     def __init__(self, *args, config: WindowMemoryLayerConfig | None = None, **kwargs):
         c = resolve_config(WindowMemoryLayerConfig, config, args, kwargs)
