@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from newllm import load_pretrained
+from newllm import NewLLMError, load_pretrained
 from newllm.checkpoints import load_tokenizer
 from newllm.data.corpora import find_data_dir, load_tokens, scored_text, separator_id
 from newllm.eval.perplexity import sliding_window_perplexity
@@ -44,15 +45,27 @@ def main(argv=None) -> int:
     p.add_argument("--sinks", type=int, default=4, help="attention sinks of the window+sinks baseline")
     p.add_argument("--memory-sinks", type=int, default=0, help="attention sinks inside the retrofitted layers too")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="write the results here")
+    p.add_argument("--json", help="write the results here (refused if the file exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    out = Path(args.json) if args.json else None
+    if out is not None and out.exists() and not (out.is_file() and args.force):  # checked before any work
+        raise NewLLMError(f"{out}: exists; pass --force to replace it" if out.is_file()
+                          else f"{out}: exists and is not a regular file")
     torch.manual_seed(args.seed)
     data_dir = find_data_dir(args.data_dir)
     model_path = Path(args.model or data_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = load_tokenizer(model_path)
     teacher = load_pretrained(model_path).eval()
     n = len(teacher.layers)
-    layers = list(range(1, n, 2)) if args.layers == "every-other" else [int(i) for i in args.layers.split(",")]
+    try:
+        layers = list(range(1, n, 2)) if args.layers == "every-other" else [int(i) for i in args.layers.split(",")]
+    except ValueError:
+        raise NewLLMError(f"--layers must be comma-separated layer indices or 'every-other', got {args.layers!r}") \
+            from None
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad or not layers or args.steps < 1 or args.train_windows < 1:
+        raise NewLLMError(f"need layers in 0..{n - 1} (got {layers}), --steps >= 1 and --train-windows >= 1")
     t0 = time.perf_counter()
     train = load_tokens("wikitext-2", "train", tok, data_dir=data_dir)
     rng = np.random.default_rng(args.seed)
@@ -103,10 +116,15 @@ def main(argv=None) -> int:
     for k in ("retrofit", "window_only", "window_sinks"):
         res[k]["ratio"] = res[k]["token_ppl"] / res["baseline"]["token_ppl"]
     print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, out)  # atomic: a killed run leaves the old file or the new one
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except NewLLMError as e:  # bad input: one line naming the problem, no traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {e}") from None

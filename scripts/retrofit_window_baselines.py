@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from newllm import load_pretrained
+from newllm import NewLLMError, load_pretrained
 from newllm.checkpoints import load_tokenizer
 from newllm.data.corpora import find_data_dir, load_tokens, scored_text, separator_id
 from newllm.eval.perplexity import sliding_window_perplexity
@@ -33,8 +34,13 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--json", help="write the rows here too (refused if the file exists, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
+    out = Path(args.json) if args.json else None
+    if out is not None and out.exists() and not (out.is_file() and args.force):  # checked before any work
+        raise NewLLMError(f"{out}: exists; pass --force to replace it" if out.is_file()
+                          else f"{out}: exists and is not a regular file")
     data_dir = find_data_dir(args.data_dir)
     model_path = Path(args.model or data_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = load_tokenizer(model_path)
@@ -63,12 +69,17 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{name:<18} W={w!s:<5} sinks={sinks}  token PPL {r.token_ppl:8.3f}  x{row['ratio']:.3f}  "
               f"({row['seconds']:.0f} s)", flush=True)
-    out = {"model": str(model_path), "tokens": int(len(tokens)), "context": args.context, "stride": args.stride,
+    res = {"model": str(model_path), "tokens": int(len(tokens)), "context": args.context, "stride": args.stride,
            "dtype": args.dtype, "rows": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        os.replace(tmp, out)  # atomic: a killed run leaves the old file or the new one
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except NewLLMError as e:  # bad input: one line naming the problem, no traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {e}") from None

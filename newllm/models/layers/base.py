@@ -129,13 +129,16 @@ class BaseLayer(nn.Module):
     def from_config(cls, config) -> "BaseLayer":
         return cls(config=config)
 
+    #: options worth exercising in tests (segments, banks, GQA), on top of tiny_config's small sizes
+    tiny_options: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def tiny_config(cls):
-        """A small config for tests: the sizes below for whichever of these fields the config has.
-        Layer types with options worth exercising (segments, banks, GQA) override it."""
+        """A small config for tests: the sizes below for whichever of these fields the config has,
+        plus the class's `tiny_options`."""
         small = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64}
         names = {f.name for f in dataclasses.fields(cls.config_class)}
-        return cls.config_class(**{k: v for k, v in small.items() if k in names})
+        return cls.config_class(**{k: v for k, v in small.items() if k in names}, **cls.tiny_options)
 
     @property
     def hidden_size(self) -> int:
@@ -144,9 +147,6 @@ class BaseLayer(nn.Module):
     def spec(self) -> dict[str, Any]:
         """JSON-able description `{"type": ..., **config}`; `build_layer(spec)` rebuilds the layer."""
         return {"type": self.layer_type, **dataclasses.asdict(self.config)}
-
-    def forward(self, x: torch.Tensor, state=None):  # pragma: no cover - every layer type defines it
-        raise NotImplementedError(f"{type(self).__name__} defines no forward")
 
     # ------------------------------------------------------------------ state
     def state_spec(self) -> dict[str, StateField]:

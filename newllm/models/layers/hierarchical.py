@@ -140,10 +140,7 @@ class HierarchicalLayer(MemoryLayer):
     state_type = HierarchicalState
     memory_part = CoarseToFinePart
 
-    @classmethod
-    def tiny_config(cls) -> HierarchicalLayerConfig:
-        return HierarchicalLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, segment_length=6,
-                                       num_memories=3, use_delta_rule=False)
+    tiny_options = {"segment_length": 6, "num_memories": 3, "use_delta_rule": False}
 
 
 @contextlib.contextmanager

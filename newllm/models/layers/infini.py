@@ -85,9 +85,6 @@ class InfiniLayer(MemoryLayer):
     state_type = InfiniState
     memory_part = BankedMemoryPart
 
-    @classmethod
-    def tiny_config(cls) -> InfiniLayerConfig:
-        # 8-token segments and 2 banks of 2 segments: a 41-token test spans 5 segments + a partial one
-        # and wraps around the banks
-        return InfiniLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, segment_length=8,
-                                 num_memory_banks=2, segments_per_bank=2)
+    # 8-token segments and 2 banks of 2 segments: a 41-token test spans 5 segments + a partial one
+    # and wraps around the banks
+    tiny_options = {"segment_length": 8, "num_memory_banks": 2, "segments_per_bank": 2}

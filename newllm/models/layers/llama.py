@@ -56,9 +56,7 @@ class LlamaLayer(Block):
     config_class = LlamaLayerConfig
     state_type = KVCache
 
-    @classmethod
-    def tiny_config(cls) -> LlamaLayerConfig:
-        return LlamaLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_key_value_heads=2)
+    tiny_options = {"num_key_value_heads": 2}  # exercise GQA
 
     def __init__(self, *args, config: LlamaLayerConfig | None = None, **kwargs):
         c = resolve_config(LlamaLayerConfig, config, args, kwargs)

@@ -33,6 +33,7 @@ found gates stuck at 0.5 under the shared lr).
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -129,18 +130,20 @@ class MemoryLayerConfig:
         return self.hidden_size // self.memory_dim
 
 
-class MemoryPart(nn.Module):
+class MemoryPart(nn.Module, metaclass=abc.ABCMeta):
     """The memory of a MemoryMixer: what it stores (its state fields), how a scan reads and writes
-    it, and the gates it adds. Subclasses: BankedMemoryPart, MixtureMemoryPart, CoarseToFinePart."""
+    it, and the gates it adds. Subclasses: BankedMemoryPart, MixtureMemoryPart, CoarseToFinePart;
+    a part that lacks `state_fields` or `scan` cannot be built (abstract methods)."""
 
-    def state_fields(self) -> dict[str, StateField]:  # pragma: no cover - every part defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def state_fields(self) -> dict[str, StateField]:
+        """Field name -> StateField of the part's own state tensors (before TAIL_FIELDS)."""
 
+    @abc.abstractmethod
     def scan(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state):
         """A_mem (B, Hm, T, Dm) for the T queries q (the last T of the L positions of k, v: (B, Hm, L, Dm),
         which start on a segment boundary), and the state fields it changed (a dict). x: the
         block's normed input (B, T, d), for parts with a per-token gate."""
-        raise NotImplementedError  # pragma: no cover
 
     def gate_parameters(self) -> list[nn.Parameter]:
         return []

@@ -111,8 +111,5 @@ class MultiMemoryLayer(MemoryLayer):
     state_type = MultiMemoryState
     memory_part = MixtureMemoryPart
 
-    @classmethod
-    def tiny_config(cls) -> MultiMemoryLayerConfig:
-        # 41 tokens = 6 full 6-token segments + 5: every one of 3 memories written twice, then a partial
-        return MultiMemoryLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, segment_length=6,
-                                      num_memories=3)
+    # 41 tokens = 6 full 6-token segments + 5: every one of 3 memories written twice, then a partial
+    tiny_options = {"segment_length": 6, "num_memories": 3}

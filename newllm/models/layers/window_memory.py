@@ -205,10 +205,7 @@ class WindowMemoryLayer(Block):
     state_type = WindowMemoryState
     has_compressive_memory = True
 
-    @classmethod
-    def tiny_config(cls) -> WindowMemoryLayerConfig:
-        return WindowMemoryLayerConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                                       num_key_value_heads=2, window=6, attention_sinks=2, window_factor_init=0.0)
+    tiny_options = {"num_key_value_heads": 2, "window": 6, "attention_sinks": 2, "window_factor_init": 0.0}
 
     def __init__(self, *args, config: WindowMemoryLayerConfig | None = None, **kwargs):
         c = resolve_config(WindowMemoryLayerConfig, config, args, kwargs)
