@@ -30,8 +30,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, Keys
 
 from newllm.checkpoints.gguf_dequant import SUPPORTED, dequantize
-from newllm.checkpoints.native import load_state_dict_strict
-from newllm.config import MODEL_DTYPES, ModelConfig
+from newllm.checkpoints.native import expected_shapes, load_state_dict_strict
+from newllm.config import MODEL_DTYPES, ModelConfig, check_value, dataclass_from_dict
 from newllm.errors import NewLLMError
 from newllm.models.layers.llama import LlamaLayerConfig
 from newllm.models.model import TransformerLM
@@ -101,53 +101,82 @@ def architecture(reader: GGUFReader, path) -> str:
 
 # ------------------------------------------------------------------ config
 def gguf_config(reader: GGUFReader, path, dtype=None) -> ModelConfig:
-    """`ModelConfig` of `LlamaLayer`s from the `llama.*` metadata."""
+    """`ModelConfig` of `LlamaLayer`s from the `llama.*` metadata.
+
+    Every value is type-checked (a size must be a positive integer, a float a finite number) and the
+    declared layer count and vocabulary are checked against the tensors the file lists, before any
+    model is built: a small file that claims 20,000 layers fails here, not after allocating them."""
     arch = architecture(reader, path)
 
-    def get(key, default=_REQUIRED):
-        return field(reader, key.format(arch=arch), path, default)
+    def get(key, hint, default=_REQUIRED):
+        key = key.format(arch=arch)
+        value = field(reader, key, path, default)
+        if value is None:
+            return None
+        try:
+            return check_value(value, hint, f"GGUF metadata {key!r}")
+        except NewLLMError as e:
+            raise NewLLMError(f"{path}: {e}") from None
 
-    hidden = int(get(Keys.LLM.EMBEDDING_LENGTH))
-    heads = int(get(Keys.Attention.HEAD_COUNT))
-    head_dim = int(get(Keys.Attention.KEY_LENGTH, hidden // heads))
-    if int(get(Keys.Attention.VALUE_LENGTH, head_dim)) != head_dim:
+    hidden = get(Keys.LLM.EMBEDDING_LENGTH, int)
+    heads = get(Keys.Attention.HEAD_COUNT, int)
+    for key, value in ((Keys.LLM.EMBEDDING_LENGTH, hidden), (Keys.Attention.HEAD_COUNT, heads)):
+        if value <= 0:
+            raise NewLLMError(f"{path}: GGUF metadata {key.format(arch=arch)!r} must be > 0, got {value}")
+    head_dim = get(Keys.Attention.KEY_LENGTH, int, None)
+    if head_dim is None:
+        if hidden % heads:
+            raise NewLLMError(f"{path}: {heads} attention heads do not divide the embedding length {hidden} "
+                              "(and the file gives no key_length)")
+        head_dim = hidden // heads
+    if get(Keys.Attention.VALUE_LENGTH, int, head_dim) != head_dim:
         raise NewLLMError(f"{path}: key_length {head_dim} != value_length; LlamaLayer needs them equal")
-    rope_dims = int(get(Keys.Rope.DIMENSION_COUNT, head_dim))
+    rope_dims = get(Keys.Rope.DIMENSION_COUNT, int, head_dim)
     if rope_dims != head_dim:
         raise NewLLMError(f"{path}: rope.dimension_count {rope_dims} != head size {head_dim}; partial RoPE "
                           "is not supported for llama")
-    scaling = get(Keys.Rope.SCALING_TYPE, "none")
+    scaling = get(Keys.Rope.SCALING_TYPE, str, "none")
     if scaling not in ("none", None):
         raise NewLLMError(f"{path}: rope scaling {scaling!r} is not supported")
-    layer = LlamaLayerConfig(
+    layer = dataclass_from_dict(LlamaLayerConfig, dict(
         hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim,
-        intermediate_size=int(get(Keys.LLM.FEED_FORWARD_LENGTH)),
-        num_key_value_heads=int(get(Keys.Attention.HEAD_COUNT_KV, heads)),
-        rope_theta=float(get(Keys.Rope.FREQ_BASE, 10000.0)),
-        rms_norm_eps=float(get(Keys.Attention.LAYERNORM_RMS_EPS)),
-    )
-    vocab = get(Keys.LLM.VOCAB_SIZE, None)
+        intermediate_size=get(Keys.LLM.FEED_FORWARD_LENGTH, int),
+        num_key_value_heads=get(Keys.Attention.HEAD_COUNT_KV, int, heads),
+        rope_theta=get(Keys.Rope.FREQ_BASE, float, 10000.0),
+        rms_norm_eps=get(Keys.Attention.LAYERNORM_RMS_EPS, float),
+    ), str(path))
+    names = {t.name for t in reader.tensors}
+    blocks = get(Keys.LLM.BLOCK_COUNT, int)
+    held = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    # distinct indices: exactly 0 .. blocks-1 when there are `blocks` of them from 0 to blocks-1 (no range built)
+    if blocks <= 0 or len(held) != blocks or min(held) != 0 or max(held) != blocks - 1:
+        raise NewLLMError(f"{path}: the header declares {blocks} layers, the file holds tensors for "
+                          f"{len(held)} (blk.0 .. blk.{max(held, default=-1)})")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    vocab = get(Keys.LLM.VOCAB_SIZE, int, None)
     if vocab is None:  # older files: the vocabulary size is the token list's length, else the embedding's rows
         tokens = reader.get_field(Keys.Tokenizer.LIST)
-        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         vocab = len(tokens.data) if tokens is not None else (int(embd.shape[-1]) if embd is not None else None)
         if vocab is None:
             raise NewLLMError(f"{path}: cannot tell the vocabulary size (no vocab_size, tokens or token_embd.weight)")
+    if embd is not None and int(embd.shape[-1]) != vocab:
+        raise NewLLMError(f"{path}: the header declares a vocabulary of {vocab}, token_embd.weight holds "
+                          f"{int(embd.shape[-1])} rows")
     if dtype is not None:
         dtype = str(dtype).replace("torch.", "")
         if dtype not in MODEL_DTYPES:
             raise NewLLMError(f"{path}: dtype {dtype!r} is not one of {sorted(MODEL_DTYPES)}")
-    tied = not any(t.name == "output.weight" for t in reader.tensors)
-    return ModelConfig(
-        vocab_size=int(vocab),
-        layers=[{"type": "llama", **dataclasses.asdict(layer)} for _ in range(int(get(Keys.LLM.BLOCK_COUNT)))],
+    tied = "output.weight" not in names
+    return dataclass_from_dict(ModelConfig, dict(
+        vocab_size=vocab,
+        layers=[{"type": "llama", **dataclasses.asdict(layer)} for _ in range(blocks)],
         norm="rmsnorm", norm_eps=layer.rms_norm_eps, tie_word_embeddings=tied,
-        max_position_embeddings=get(Keys.LLM.CONTEXT_LENGTH, None),
-        bos_token_id=field(reader, Keys.Tokenizer.BOS_ID, path, None),
-        eos_token_id=field(reader, Keys.Tokenizer.EOS_ID, path, None),
+        max_position_embeddings=get(Keys.LLM.CONTEXT_LENGTH, int, None),
+        bos_token_id=get(Keys.Tokenizer.BOS_ID, int, None),
+        eos_token_id=get(Keys.Tokenizer.EOS_ID, int, None),
         dtype=dtype or "float32",
-        name=field(reader, Keys.General.NAME, path, Path(path).stem),
-    )
+        name=str(field(reader, Keys.General.NAME, path, Path(path).stem)),
+    ), str(path))
 
 
 # ------------------------------------------------------------------ tensors
@@ -206,18 +235,25 @@ def load_gguf_model(path, dtype=None) -> TransformerLM:
     reader = open_gguf(path)
     config = gguf_config(reader, path, dtype)
     layer = config.layers[0]
-    model = TransformerLM(config=config)
-    expected = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
+    # names and declared shapes against the config (a meta-device model: nothing allocated) first
+    expected = expected_shapes(config, str(path))
     for t in reader.tensors:
         name = our_name(t.name)
         if name not in expected:
             raise NewLLMError(f"{path}: unexpected tensor {t.name} (not part of a {config.num_hidden_layers}-layer "
                               "llama model)")
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        if shape != expected[name]:
+            raise NewLLMError(f"{path}: tensor {t.name} has shape {shape}, the model expects {expected[name]}")
+    listed = {our_name(t.name) for t in reader.tensors}
+    missing = [gguf_name(k) for k in expected if k not in listed and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing:
+        raise NewLLMError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    model = TransformerLM(config=config)
+    tensors: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = our_name(t.name)
         w = read_tensor(t, path)
-        if tuple(w.shape) != tuple(expected[name].shape):
-            raise NewLLMError(f"{path}: tensor {t.name} has shape {tuple(w.shape)}, the model expects "
-                              f"{tuple(expected[name].shape)}")
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_qk(w, layer["num_attention_heads"])
         elif name.endswith(("k_proj.weight", "k_proj.bias")):

@@ -40,8 +40,10 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from newllm.config import MODEL_DTYPES, ModelConfig
+from newllm.checkpoints.native import expected_shapes
+from newllm.config import MODEL_DTYPES, ModelConfig, check_value, dataclass_from_dict
 from newllm.errors import NewLLMError
+from newllm.files import contained
 from newllm.models.layers.llama import LlamaLayerConfig
 from newllm.models.layers.pythia import ACTIVATIONS, PythiaLayerConfig
 from newllm.models.model import TransformerLM
@@ -128,23 +130,29 @@ class _Reader:
             if default is _REQUIRED:
                 raise NewLLMError(f"{self.path}: no {key!r}")
             return default
-        if kind is not None:
+        if kind is not None:  # strict: "false" is no bool, 64.5 no int (newllm.config.check_value)
             try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise NewLLMError(f"{self.path}: {key!r} is {value!r}, expected {kind.__name__}") from None
+                return check_value(value, kind, repr(key))
+            except NewLLMError as e:
+                raise NewLLMError(f"{self.path}: {e}") from None
         return value
 
 
 def _rope(cfg: _Reader, default_partial: float) -> tuple[float, float]:
-    """(theta, partial_rotary_factor) from either spelling (module doc); rejects scaled RoPE."""
-    params = cfg.get("rope_parameters", None) or cfg.get("rope_scaling", None) or {}
-    if not isinstance(params, dict):
-        raise NewLLMError(f"{cfg.path}: 'rope_parameters' must be an object, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise NewLLMError(f"{cfg.path}: RoPE type {rope_type!r} is not supported (only 'default' RoPE is "
-                          "implemented; scaled RoPE would give wrong logits)")
+    """(theta, partial_rotary_factor) from either spelling (module doc); rejects scaled RoPE.
+
+    Both `rope_parameters` and `rope_scaling` are read when both are present: transformers applies
+    a scaling that either names (a file with plain `rope_parameters` and `rope_scaling: {type: yarn}`
+    runs YaRN there), so a scaled type in either is refused rather than loaded as plain RoPE."""
+    sources = {key: cfg.get(key, None) for key in ("rope_parameters", "rope_scaling")}
+    for key, value in sources.items():
+        if value is not None and not isinstance(value, dict):
+            raise NewLLMError(f"{cfg.path}: {key!r} must be an object, got {value!r}")
+        rope_type = (value or {}).get("rope_type", (value or {}).get("type", "default"))
+        if rope_type != "default":
+            raise NewLLMError(f"{cfg.path}: RoPE type {rope_type!r} is not supported ({key!r} asks for it; only "
+                              "'default' RoPE is implemented, and a scaled RoPE loaded as plain RoPE gives wrong logits)")
+    params = sources["rope_parameters"] or sources["rope_scaling"] or {}
     def first(*values):  # the first value that is set (0.0 is a value: rotary_pct 0 means no RoPE)
         return next(v for v in values if v is not None)
 
@@ -152,9 +160,9 @@ def _rope(cfg: _Reader, default_partial: float) -> tuple[float, float]:
     partial = first(params.get("partial_rotary_factor"), cfg.get("rotary_pct", None),
                     cfg.get("partial_rotary_factor", default_partial))
     try:
-        return float(theta), float(partial)
-    except (TypeError, ValueError):
-        raise NewLLMError(f"{cfg.path}: RoPE theta {theta!r} / rotary fraction {partial!r} are not numbers") from None
+        return check_value(theta, float, "RoPE theta"), check_value(partial, float, "rotary fraction")
+    except NewLLMError as e:
+        raise NewLLMError(f"{cfg.path}: {e}") from None
 
 
 def _token_id(cfg: _Reader, key: str, default: int | None) -> int | None:
@@ -162,7 +170,10 @@ def _token_id(cfg: _Reader, key: str, default: int | None) -> int | None:
     value = cfg.d[key] if key in cfg.d else default  # an explicit null means "none", not the default
     if isinstance(value, list):
         value = value[0] if value else None
-    return None if value is None else int(value)
+    try:
+        return check_value(value, int | None, repr(key))
+    except NewLLMError as e:
+        raise NewLLMError(f"{cfg.path}: {e}") from None
 
 
 def _neox_layer(cfg: _Reader) -> dict:
@@ -170,13 +181,13 @@ def _neox_layer(cfg: _Reader) -> dict:
     act = cfg.get("hidden_act", "gelu", str)
     if act not in ACTIVATIONS:
         raise NewLLMError(f"{cfg.path}: hidden_act {act!r} is not supported for gpt_neox (known: {sorted(ACTIVATIONS)})")
-    return {"type": "pythia", **PythiaLayerConfig(
+    return {"type": "pythia", **_layer_config(cfg, PythiaLayerConfig,
         hidden_size=cfg.get("hidden_size", kind=int), num_attention_heads=cfg.get("num_attention_heads", kind=int),
         intermediate_size=cfg.get("intermediate_size", kind=int), rotary_pct=partial, rotary_emb_base=theta,
         use_parallel_residual=cfg.get("use_parallel_residual", True, bool),
         layer_norm_eps=cfg.get("layer_norm_eps", 1e-5, float), attention_bias=cfg.get("attention_bias", True, bool),
         hidden_act=act, initializer_range=cfg.get("initializer_range", 0.02, float),
-    ).__dict__}
+    )}
 
 
 def _llama_layer(cfg: _Reader) -> dict:
@@ -191,15 +202,20 @@ def _llama_layer(cfg: _Reader) -> dict:
     window = cfg.get("sliding_window", None) if cfg.get("model_type") == "mistral" else None
     if window is not None and cfg.get("use_sliding_window", True) is False:
         window = None
-    return {"type": "llama", **LlamaLayerConfig(
+    return {"type": "llama", **_layer_config(cfg, LlamaLayerConfig,
         hidden_size=cfg.get("hidden_size", kind=int), num_attention_heads=cfg.get("num_attention_heads", kind=int),
         intermediate_size=cfg.get("intermediate_size", kind=int),
         num_key_value_heads=cfg.get("num_key_value_heads", None, int), head_dim=cfg.get("head_dim", None, int),
         rope_theta=theta, rms_norm_eps=cfg.get("rms_norm_eps", 1e-6, float),
         attention_bias=cfg.get("attention_bias", False, bool), mlp_bias=cfg.get("mlp_bias", False, bool),
-        sliding_window=None if window is None else int(window),
+        sliding_window=window,
         initializer_range=cfg.get("initializer_range", 0.02, float),
-    ).__dict__}
+    )}
+
+
+def _layer_config(cfg: _Reader, config_class, **values) -> dict:
+    """A layer config from config.json values, checked the one way (newllm.config.dataclass_from_dict)."""
+    return dataclass_from_dict(config_class, values, str(cfg.path)).__dict__
 
 
 #: model_type -> (layer spec builder, final norm, norm-eps key, its default, bos default, eos default)
@@ -239,7 +255,7 @@ def _config(cfg: _Reader, dtype) -> ModelConfig:
         n = cfg.get("num_hidden_layers", kind=int)
         if n < 1:
             raise NewLLMError(f"num_hidden_layers must be >= 1, got {n}")
-        return ModelConfig(
+        return dataclass_from_dict(ModelConfig, dict(
             vocab_size=cfg.get("vocab_size", kind=int), layers=[dict(layer) for _ in range(n)], norm=norm,
             norm_eps=cfg.get(eps_key, eps_default, float),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False, bool),
@@ -247,7 +263,7 @@ def _config(cfg: _Reader, dtype) -> ModelConfig:
             initializer_range=cfg.get("initializer_range", 0.02, float),
             bos_token_id=_token_id(cfg, "bos_token_id", bos), eos_token_id=_token_id(cfg, "eos_token_id", eos),
             dtype=_dtype_name(dtype, cfg), name=Path(folder).resolve().name,
-        )
+        ), str(cfg.path))
     except NewLLMError as e:
         msg = str(e)
         raise NewLLMError(msg if msg.startswith(str(cfg.path)) else f"{cfg.path}: {msg}") from None
@@ -278,15 +294,19 @@ class _Tensors:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise NewLLMError(f"{index}: not a valid shard index (needs a 'weight_map' object; {e!r})") from None
-        for shard in sorted(set(weight_map.values())):
-            self._add(self.folder / shard)
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise NewLLMError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        # every shard stays inside the folder: a name like ../x or /etc/passwd is refused, not read
+        shards = {shard: contained(self.folder, shard, f"{index}: weight_map") for shard in set(weight_map.values())}
+        for shard in sorted(shards):
+            self._add(shards[shard])
         for name, shard in weight_map.items():
-            if self.file.get(name) != self.folder / shard:
+            if self.file.get(name) != shards[shard]:
                 raise NewLLMError(f"{index}: tensor {name} should be in {shard}, which does not hold it")
 
     def _add(self, path: Path) -> None:
-        if not path.exists():
-            raise NewLLMError(f"{path}: weight file is missing")
+        if not path.is_file():
+            raise NewLLMError(f"{path}: weight file is missing" if not path.exists() else f"{path}: not a regular file")
         handle = _open_safetensors(path) if path.suffix == ".safetensors" else _open_bin(path)
         self._handles[path] = handle
         for name in handle.keys():
@@ -346,8 +366,7 @@ def load_hf_model(folder, dtype=None) -> TransformerLM:
     cfg = _Reader(folder / "config.json")
     config = _config(cfg, dtype)
     model_type = cfg.d["model_type"]
-    model = TransformerLM(config=config)
-    expected = model.state_dict()
+    expected = expected_shapes(config, str(cfg.path))  # meta device: the model is built once the files fit
     files = _Tensors(folder)
     drop = NAMES[model_type]["drop"]
 
@@ -363,7 +382,7 @@ def load_hf_model(folder, dtype=None) -> TransformerLM:
                               f"{model_type} model)")
         if ours in plan:
             raise NewLLMError(f"{path}: tensors {plan[ours]} and {hf_name} both map to {ours}")
-        shape, want = files.shape(hf_name), tuple(expected[ours].shape)
+        shape, want = files.shape(hf_name), tuple(expected[ours])
         if shape != want:
             raise NewLLMError(f"{path}: tensor {hf_name} has shape {shape}, the model expects {want}")
         plan[ours] = hf_name
@@ -373,6 +392,7 @@ def load_hf_model(folder, dtype=None) -> TransformerLM:
         where = sorted({p.name for p in files.file.values()}) or [folder.name]
         raise NewLLMError(f"{folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                           f"(not in {', '.join(where)})")
+    model = TransformerLM(config=config)
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     with torch.no_grad():
         for ours, hf_name in plan.items():

@@ -1,6 +1,7 @@
 """The `newllm` command. Each subcommand lives in its own module with `register(subparsers)`.
 
-Bad input (`NewLLMError`) is printed as one line, `newllm: error: ...`, with exit status 2.
+Bad input (`NewLLMError`) and a failed file operation (`OSError`: a missing file, a full disk, a
+read-only folder, no permission) are printed as one line, `newllm: error: ...`, with exit status 2.
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"newllm: error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only folder, no permission, a folder given for a file: one line
+        print(f"newllm: error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def os_error_line(e: OSError) -> str:
+    """"PATH: No space left on device" for an OSError (both paths of a failed rename)."""
+    why = e.strerror or str(e) or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {why}" if paths else why
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ A new task is a function ``register_<task>(tasks)`` that adds a parser to `tasks
 """
 from __future__ import annotations
 
-import json
+import math
+import sys
 import time
 
 from newllm.cli.eval_passkey import register_passkey
@@ -50,6 +51,7 @@ def run_ppl(args) -> int:
     from newllm.data.corpora import load_tokens, scored_text, separator_id
     from newllm.errors import NewLLMError
     from newllm.eval.perplexity import sliding_window_perplexity
+    from newllm.files import dumps_json
 
     if args.limit_tokens is not None and args.limit_tokens < 2:
         raise NewLLMError(f"--limit-tokens must be >= 2, got {args.limit_tokens}")
@@ -66,9 +68,12 @@ def run_ppl(args) -> int:
     seconds = time.perf_counter() - start
     out = {"model": str(args.model), "data": str(args.data), "split": args.split, "context": args.context,
            "stride": args.stride, "tokens_in_text": int(len(tokens)), **res.to_dict(), "seconds": round(seconds, 2)}
+    finite = math.isfinite(res.nll_sum)
+    if not finite:
+        out["error"] = NONFINITE
     if args.json:
-        print(json.dumps(out, indent=2))
-        return 0
+        print(dumps_json(out))  # valid JSON: null for each non-finite value, named under "nonfinite"
+        return 0 if finite else 1
     print(f"model          {args.model}")
     print(f"data           {args.data} / {args.split}: {len(tokens):,} tokens, {res.n_words:,} words, "
           f"{res.n_bytes:,} bytes")
@@ -78,7 +83,15 @@ def run_ppl(args) -> int:
     print(f"word PPL       {res.word_ppl:.4f}")
     print(f"bits per byte  {res.bits_per_byte:.4f}")
     print(f"time           {seconds:.1f} s ({res.n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    if not finite:
+        print(f"newllm: error: {NONFINITE}", file=sys.stderr)
+        return 1
     return 0
+
+
+#: what `eval ppl` says (stderr, exit status 1; JSON "error") when the perplexity is not finite
+NONFINITE = ("the perplexity is not finite: some scored token had a NaN or infinite loss (the model has "
+             "NaN/Inf weights, or its activations overflowed)")
 
 
 TASKS = [register_ppl, register_reversal, register_passkey]

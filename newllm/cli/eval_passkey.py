@@ -7,7 +7,6 @@ when the model has layers that use positions (`BaseLayer.uses_positions`).
 """
 from __future__ import annotations
 
-import json
 import time
 
 def register_passkey(tasks) -> None:
@@ -27,6 +26,7 @@ def register_passkey(tasks) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
     p.add_argument("--finetune-batch-size", type=int, default=4, help="fine-tuning prompts per step (default 4)")
     p.add_argument("--plot", help="save a heat map (PNG) of the accuracy table here")
+    p.add_argument("--force", action="store_true", help="replace an existing --plot file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_passkey)
@@ -49,8 +49,12 @@ def run_passkey(args) -> int:
     from newllm.eval.passkey import passkey_eval, plot_passkey_heatmap
     from newllm.train.finetune import passkey_finetune
 
+    from newllm.files import check_output, dumps_json
+
     if args.finetune_steps < 0:
         raise NewLLMError(f"--finetune-steps must be >= 0, got {args.finetune_steps}")
+    if args.plot:
+        check_output(args.plot, args.force)
     tok = load_tokenizer(find_tokenizer(args.model, args.tokenizer))
     model = load_pretrained(args.model)
     note = position_note(model, max(args.lengths))
@@ -68,7 +72,7 @@ def run_passkey(args) -> int:
     if args.json:
         out = {"model": str(args.model), **res.to_dict(), "finetune_steps": args.finetune_steps,
                "finetune_losses": losses, "note": note, "seconds": round(seconds, 2)}
-        print(json.dumps(out, indent=2))
+        print(dumps_json(out))
         return 0
     print(f"model    {args.model}")
     if losses:

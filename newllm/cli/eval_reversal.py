@@ -9,7 +9,6 @@ The files may be the paper's own (lukasberglund/reversal_curse, prompt/completio
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -32,18 +31,31 @@ def register_reversal(tasks) -> None:
     p.add_argument("--save", metavar="DIR", help="save the model (fine-tuned, if asked) and its tokenizer here")
     p.add_argument("--generate", type=int, metavar="N", help="write a dataset of N fictitious facts to --out")
     p.add_argument("--out", metavar="DIR", help="folder for --generate (train/test_forward/test_reverse.jsonl)")
+    p.add_argument("--force", action="store_true", help="replace files --generate or --save would overwrite")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run_reversal)
 
 
 def run_reversal(args) -> int:
-    from newllm.data.reversal import make_reversal_dataset
-    from newllm.errors import NewLLMError
+    import math
 
+    from newllm.data.reversal import ReversalDataset, make_reversal_dataset
+    from newllm.errors import NewLLMError
+    from newllm.files import check_output_dir
+
+    if not 0 < args.lr < math.inf:
+        raise NewLLMError(f"--lr must be a finite number > 0, got {args.lr}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2),
+                             ("--max-new-tokens", args.max_new_tokens, 1)):
+        if value < low:
+            raise NewLLMError(f"{flag} must be >= {low}, got {value}")
+    if args.save:
+        check_output_dir(args.save, ["model.safetensors", "newllm.json", "tokenizer.json"], args.force)
     if args.generate is not None:
         if not args.out:
             raise NewLLMError("--generate needs --out DIR")
+        check_output_dir(args.out, [f"{n}.jsonl" for n in ReversalDataset.FILES], args.force)
         folder = make_reversal_dataset(args.generate, seed=args.seed).save(args.out)
         if args.model is None:
             print(f"wrote {args.generate} facts to {folder}/(train,test_forward,test_reverse).jsonl")
@@ -71,8 +83,17 @@ def _evaluate(args) -> int:
     from newllm.eval.reversal import reversal_eval
     from newllm.train.finetune import finetune_on_texts
 
+    from newllm.errors import NewLLMError
+    from newllm.files import atomic_write, dumps_json
+
     trained = [ex for f in args.train_file for ex in read_jsonl(f)] or None
+    if args.finetune_steps and trained is None:
+        raise NewLLMError(f"--train-file {', '.join(args.train_file)}: no examples to fine-tune on (empty file)")
     forward, reverse = read_jsonl(args.test_forward), read_jsonl(args.test_reverse)
+    for flag, path, examples in (("--test-forward", args.test_forward, forward),
+                                 ("--test-reverse", args.test_reverse, reverse)):
+        if not examples:
+            raise NewLLMError(f"{flag} {path}: no examples (empty file)")
     tok = load_tokenizer(find_tokenizer(args.model, args.tokenizer))
     model = load_pretrained(args.model)
     progress = not args.no_progress
@@ -83,13 +104,13 @@ def _evaluate(args) -> int:
                                    progress=progress)
     if args.save:
         save_model(model, args.save, metadata={"finetuned_on": args.train_file, "steps": args.finetune_steps})
-        tok.save(Path(args.save) / "tokenizer.json")
+        atomic_write(Path(args.save) / "tokenizer.json", tok.save)
     res = reversal_eval(model.eval(), tok, forward, reverse, trained=trained, max_new_tokens=args.max_new_tokens,
                         batch_size=args.batch_size, progress=progress)
     if args.json:
         out = {"model": str(args.model), "finetune_steps": args.finetune_steps,
                "finetune_losses": losses, **res.to_dict()}
-        print(json.dumps(out, indent=2))
+        print(dumps_json(out))
         return 0
     if losses:
         print(f"fine-tune      {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from newllm.files import dumps_json
+
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="describe a model (file, folder or preset name)")
@@ -12,14 +14,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from newllm.checkpoints import load_pretrained
+    from newllm.cli.generate import load_with_note
 
-    model = load_pretrained(args.model)
+    model = load_with_note(args.model)
     info = model.describe()
     info["source"] = str(args.model)
     info["layer_spec"] = model.config.layers[0]
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        print(dumps_json(info))
         return 0
     print(f"model        {args.model}")
     print(f"parameters   {info['parameters']:,}")

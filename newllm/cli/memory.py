@@ -1,13 +1,15 @@
 """`newllm memory info|save|check|sizes`: inspect, make, validate and size memory-state files.
 
-    newllm memory save MODEL --text book.txt --out mem.safetensors [--compact]   absorb a text
+    newllm memory save MODEL --text book.txt --out mem.safetensors [--compact] [--force]   absorb a text
     newllm memory info mem.safetensors [--json]                                  what a file holds
     newllm memory check mem.safetensors MODEL                                    does it fit MODEL?
+
+A state fits only the weights that wrote it. MODEL given as a preset name is built from
+`torch.manual_seed(--seed)` (default 0), the same weights `create_model(name)` gives after that
+seed, so `memory save infini ...` and `memory check mem.safetensors infini` agree.
     newllm memory sizes [--presets infini ...] [--tokens 1024 4096] [--markdown] real sizes per preset
 """
 from __future__ import annotations
-
-import json
 
 DEFAULT_SIZE_PRESETS = ["pythia", "infini", "multi_memory", "hierarchical"]
 
@@ -24,6 +26,8 @@ def register(sub) -> None:
     s.add_argument("--max-tokens", type=int, help="absorb at most this many tokens")
     s.add_argument("--chunk", type=int, default=512, help="tokens per forward call (any split gives the same state)")
     s.add_argument("--compact", action="store_true", help="keep only the compressive memories (no KV caches)")
+    s.add_argument("--seed", type=int, default=0, help="seed of a preset MODEL's weights (default 0)")
+    s.add_argument("--force", action="store_true", help="replace an existing --out file")
     s.set_defaults(func=run_save)
 
     i = cmd.add_parser("info", help="describe a memory-state file")
@@ -34,6 +38,9 @@ def register(sub) -> None:
     c = cmd.add_parser("check", help="check that a memory-state file fits a model")
     c.add_argument("file")
     c.add_argument("model", help="a .gguf file, a Hugging Face or newllm folder, or a preset name")
+    c.add_argument("--seed", type=int, default=0, help="seed of a preset MODEL's weights (default 0)")
+    c.add_argument("--allow-weight-mismatch", action="store_true",
+                   help="accept a state taken with other weights of the same config")
     c.set_defaults(func=run_check)
 
     z = cmd.add_parser("sizes", help="measured memory-state bytes per layer of presets after N tokens")
@@ -46,16 +53,21 @@ def register(sub) -> None:
 def run_save(args) -> int:
     import torch
 
-    from newllm import load_pretrained, load_tokenizer, save_memory_state
+    from newllm import load_tokenizer, save_memory_state
     from newllm.cli.generate import find_tokenizer
     from newllm.errors import NewLLMError
 
+    from newllm.files import check_output
+
     if args.chunk <= 0:
         raise NewLLMError(f"--chunk must be > 0, got {args.chunk}")
-    model = load_pretrained(args.model).eval()
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise NewLLMError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    check_output(args.out, args.force)
+    text = read_text_file(args.text, "--text")
     tok = load_tokenizer(find_tokenizer(args.model, args.tokenizer))
-    with open(args.text, encoding="utf-8") as f:
-        ids = tok.encode(f.read())
+    model = load_model(args.model, args.seed).eval()
+    ids = tok.encode(text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]
     if not ids:
@@ -71,21 +83,49 @@ def run_save(args) -> int:
     return 0
 
 
+def load_model(name: str, seed: int):
+    """`load_pretrained(name)`; a preset name is built after `torch.manual_seed(seed)` (module doc)."""
+    from pathlib import Path
+
+    import torch
+
+    from newllm.cli.generate import load_with_note
+
+    if not Path(name).exists():
+        torch.manual_seed(seed)
+    return load_with_note(name)
+
+
+def read_text_file(path: str, flag: str) -> str:
+    from pathlib import Path
+
+    from newllm.errors import NewLLMError
+
+    p = Path(path)
+    if not p.is_file():
+        raise NewLLMError(f"{flag} {p}: " + ("is a folder, not a text file" if p.is_dir() else "no such file"))
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise NewLLMError(f"{flag} {p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def run_info(args) -> int:
     from newllm import load_memory_state
+    from newllm.files import dumps_json
     from newllm.models.state import format_state
 
     state = load_memory_state(args.file)
-    print(json.dumps(state.header(), indent=2) if args.json else format_state(state))
+    print(dumps_json(state.header()) if args.json else format_state(state))
     return 0
 
 
 def run_check(args) -> int:
-    from newllm import load_memory_state, load_pretrained
+    from newllm import load_memory_state
 
     state = load_memory_state(args.file)
-    model = load_pretrained(args.model)
-    model.set_memory_state(state)  # raises NewLLMError naming the mismatch
+    model = load_model(args.model, args.seed)
+    model.set_memory_state(state, allow_weight_mismatch=args.allow_weight_mismatch)  # raises naming the mismatch
     print(f"{args.file}: fits {args.model} ({state.tokens_absorbed} tokens absorbed)")
     return 0
 

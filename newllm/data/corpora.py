@@ -36,6 +36,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -302,12 +303,22 @@ def load_tokens(name_or_path, split: str, tokenizer, data_dir=None, cache_dir=No
     tokens = np.concatenate(parts)
     if tokens.size == 0:
         raise NewLLMError(f"corpus {name_or_path!r} split {split!r} tokenizes to no tokens")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".tmp", dir=folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".tmp", dir=folder)
+    except OSError as e:  # a read-only or full cache folder: the ids are still right, only not kept
+        warnings.warn(f"token cache {folder}: cannot write ({e.strerror or e}); continuing without caching",
+                      RuntimeWarning, stacklevel=2)
+        return tokens
     try:
         with os.fdopen(fd, "wb") as fh:
             np.save(fh, tokens)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"token cache {path}: cannot write ({e.strerror or e}); continuing without caching",
+                      RuntimeWarning, stacklevel=2)
+        return tokens
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -130,15 +130,17 @@ def read_jsonl(path) -> list[Example]:
 
 def write_jsonl(examples: list[Example], path) -> Path:
     """Write examples one JSON object per line (``fact`` only when set); returns the path."""
+    from newllm.files import write_text
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for ex in examples:
-            obj = {"prompt": ex.prompt, "completion": ex.completion}
-            if ex.fact is not None:
-                obj["fact"] = ex.fact
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-    return path
+    lines = []
+    for ex in examples:
+        obj = {"prompt": ex.prompt, "completion": ex.completion}
+        if ex.fact is not None:
+            obj["fact"] = ex.fact
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    return write_text(path, "".join(lines))  # atomic (newllm.files)
 
 
 # ------------------------------------------------------------------------------------ generator

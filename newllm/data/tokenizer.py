@@ -39,8 +39,15 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def decode(self, ids) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=False)
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def stop_token_ids(self, eos_token_id: int | None = None) -> list[int]:
+        """Ids that end a generation: `eos_token_id` (the model's), the tokenizer's EOS, and every
+        end-of-turn token of its vocabulary (`STOP_TOKENS`: `<|im_end|>`, `<|eot_id|>`, ...)."""
+        vocab = self.backend.get_vocab(with_added_tokens=True)
+        ids = [eos_token_id, self.eos_token_id, *(vocab.get(t) for t in STOP_TOKENS)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
 
     def fingerprint(self) -> str:
         """Hash of the full tokenizer definition (for keying token caches)."""
@@ -51,6 +58,9 @@ class Tokenizer:
 
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>")
+#: end-of-text and end-of-turn tokens of common chat vocabularies (ChatML, Llama 3, Gemma, ...)
+STOP_TOKENS = ("<|endoftext|>", "</s>", "<|im_end|>", "<eos>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>",
+               "<|end|>")
 
 
 def from_tokenizer_json(path) -> Tokenizer:

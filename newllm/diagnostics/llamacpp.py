@@ -413,7 +413,7 @@ def llamacpp_logits(path, windows, kv_type: str = "f16", threads: int | None = N
     batch = L.llama_batch_init(T, 0, 1)
     V = L.llama_vocab_n_tokens(m.vocab)
     try:
-        for w in tqdm(windows, desc=f"llama.cpp {Path(path).name}", disable=not progress, leave=False):
+        for w in tqdm(windows, desc=f"llama.cpp {Path(path).name}", disable=None if progress else True, leave=False):
             L.llama_memory_clear(L.llama_get_memory(ctx), True)
             for i, tok in enumerate(w):
                 batch.token[i], batch.pos[i], batch.n_seq_id[i] = tok, i, 1

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from newllm.diagnostics.compare import TOLERANCES, Comparison, check_same_tokens, compare_traces
 from newllm.diagnostics.trace import LAYER_POINTS, Trace, split_name, trace_model, trace_stats
 from newllm.errors import NewLLMError
+from newllm.files import atomic_write, check_output, json_safe, write_text
 
 REQUANT = "requant:"
 
@@ -199,43 +199,11 @@ def format_table(result: TraceResult) -> str:
 
 
 # ------------------------------------------------------------------ files
-def _target(path) -> Path:
-    p = Path(path)
-    if p.exists() and not p.is_file():
-        raise NewLLMError(f"{p}: exists and is not a regular file; not replacing it")
-    if not p.parent.exists():
-        raise NewLLMError(f"{p}: folder {p.parent} does not exist")
-    return p
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def check_outputs(paths, force: bool) -> None:
-    """Refuse to overwrite an existing file unless `force` (nothing a user made is lost)."""
+    """Refuse to overwrite an existing file unless `force`, and any non-regular file (newllm.files)."""
     for p in paths:
-        if p is None:
-            continue
-        t = _target(p)
-        if t.exists() and not force:
-            raise NewLLMError(f"{t}: already exists; pass --force to replace it")
-
-
-def _clean(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
+        if p is not None:
+            check_output(p, force)
 
 
 def to_json(result: TraceResult) -> dict:
@@ -243,13 +211,11 @@ def to_json(result: TraceResult) -> dict:
            "sides": {t.side: {"meta": t.meta, "stats": trace_stats(t)} for t in result.sides()}}
     if result.comparison is not None:
         out.update(result.comparison.to_json())
-    return _clean(out)
+    return json_safe(out)[0]
 
 
 def write_json(result: TraceResult, path) -> None:
-    p = _target(path)
-    data = json.dumps(to_json(result), indent=1)
-    _atomic(p, lambda tmp: tmp.write_text(data))
+    write_text(path, json.dumps(to_json(result), indent=1, allow_nan=False))
 
 
 def growth(trace: Trace) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -272,7 +238,7 @@ def growth_plot(result: TraceResult, path, extra: list[Trace] = ()) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p = _target(path)
+    p = Path(path)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for trace, style in zip([*result.sides(), *extra], ["-o", "--s", ":^", "-.v"]):
         xs, rms, mx, rest = growth(trace)
@@ -289,7 +255,7 @@ def growth_plot(result: TraceResult, path, extra: list[Trace] = ()) -> None:
         ax.legend()
     fig.suptitle(f"{Path(result.model).name}: residual stream by layer ({len(result.ours.token_ids)} tokens)")
     fig.tight_layout()
-    _atomic(p, lambda tmp: fig.savefig(tmp, format=p.suffix.lstrip(".") or "png", dpi=110))
+    atomic_write(p, lambda tmp: fig.savefig(tmp, format=p.suffix.lstrip(".") or "png", dpi=110))
     plt.close(fig)
 
 
@@ -297,9 +263,8 @@ def save_tensors(result: TraceResult, path) -> None:
     """The traced points' full (T, C) tensors as safetensors, keys `{side}/{point}`."""
     from safetensors.torch import save_file
 
-    p = _target(path)
     tensors = {f"{t.side}/{name}": x.contiguous() for t in result.sides() for name, x in t.tensors.items()}
     meta = {"model": result.model, "token_ids": json.dumps(result.ours.token_ids),
             "sides": json.dumps([t.side for t in result.sides()])}
-    _atomic(p, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 

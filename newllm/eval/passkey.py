@@ -15,11 +15,13 @@ The optional short fine-tune on passkey prompts before the grid (the Infini-atte
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from newllm.data.passkey import make_passkey_grid, score_passkey
 from newllm.errors import NewLLMError
+from newllm.files import atomic_write
 
 
 @dataclass
@@ -65,7 +67,7 @@ def passkey_eval(model, tokenizer, lengths: list[int], depths: list[float], n_pe
     texts: list[str] = [""] * len(samples)
     device = _device(model)
     with model.memory_aside(train=False), torch.no_grad():
-        for batch in tqdm(batches, disable=not progress, desc="passkey", unit="batch"):
+        for batch in tqdm(batches, disable=None if progress else True, desc="passkey", unit="batch"):
             x = torch.tensor([samples[i].ids for i in batch], dtype=torch.long, device=device)
             out = model.generate(x, max_new_tokens=digits + 2)
             for row, i in enumerate(batch):
@@ -99,5 +101,5 @@ def plot_passkey_heatmap(result: PasskeyResult, path, title: str = "passkey retr
     ax.set_title(f"{title} (overall {result.overall:.2f})")
     fig.colorbar(im, ax=ax, label="accuracy")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png"))
     plt.close(fig)

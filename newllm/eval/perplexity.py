@@ -88,8 +88,9 @@ def _as_ids(token_ids) -> torch.Tensor:
 def _check(model, ids: torch.Tensor, context: int, stride: int, batch_size: int) -> None:
     if stride <= 0:
         raise NewLLMError(f"sliding_window_perplexity: stride must be > 0, got {stride}")
-    if context <= 0:
-        raise NewLLMError(f"sliding_window_perplexity: context must be > 0, got {context}")
+    if context < 2:
+        raise NewLLMError(f"sliding_window_perplexity: context must be >= 2 (a window of one token predicts "
+                          f"nothing), got {context}")
     if stride > context:
         raise NewLLMError(f"sliding_window_perplexity: stride {stride} > context {context} would leave tokens unscored")
     if batch_size <= 0:
@@ -108,6 +109,11 @@ def _check(model, ids: torch.Tensor, context: int, stride: int, batch_size: int)
         pos = int(bad.nonzero()[0, 0])
         raise NewLLMError(f"sliding_window_perplexity: token id {int(ids[pos])} at position {pos} is outside "
                           f"the vocabulary [0, {vocab})")
+
+
+def _exp(x: float) -> float:
+    """exp that gives inf (not OverflowError) past float range and passes NaN through."""
+    return math.exp(x) if x < 709.0 or math.isnan(x) else math.inf
 
 
 @torch.inference_mode()
@@ -142,7 +148,7 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
     p = next(model.parameters(), None)
     device = torch.device("cpu") if p is None else p.device
     nll_sum, n_tokens = 0.0, 0
-    bar = tqdm(total=len(plan), disable=not progress, unit="win", desc="perplexity")
+    bar = tqdm(total=len(plan), disable=None if progress else True, unit="win", desc="perplexity")
     try:
         with model.memory_aside(train=False):
             for batch in batches:
@@ -163,11 +169,14 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
     finally:
         bar.close()
 
-    token_ppl = math.exp(nll_sum / n_tokens)
+    if not math.isfinite(nll_sum):
+        warnings.warn(f"perplexity is not finite: the summed loss over {n_tokens} tokens is {nll_sum} (the model "
+                      "has NaN/Inf weights, or its activations overflowed)", RuntimeWarning, stacklevel=2)
+    token_ppl = _exp(nll_sum / n_tokens)
     result = PerplexityResult(nll_sum=nll_sum, n_tokens=n_tokens, token_ppl=token_ppl, n_windows=len(plan))
     if text is not None:
         result.n_words, result.n_bytes = n_words, n_bytes
-        result.word_ppl = math.exp(nll_sum / n_words)
+        result.word_ppl = _exp(nll_sum / n_words)
         result.bits_per_byte = nll_sum / math.log(2) / n_bytes
     if token_ppl < SUSPICIOUS_PPL:
         warnings.warn(f"token perplexity {token_ppl:.3f} < {SUSPICIOUS_PPL:g}: on natural text this means a data "

@@ -99,7 +99,7 @@ def score_tokens(model, seqs: list[list[int]], starts: list[int], batch_size: in
         raise NewLLMError(f"batch_size must be >= 1, got {batch_size}")
     device, out = _device(model), [(0.0, 0)] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    for a in tqdm(range(0, len(order), batch_size), disable=not progress, desc=desc, unit="batch"):
+    for a in tqdm(range(0, len(order), batch_size), disable=None if progress else True, desc=desc, unit="batch"):
         rows = order[a:a + batch_size]
         width = max(len(seqs[i]) for i in rows)
         x = torch.tensor([seqs[i] + [seqs[i][0]] * (width - len(seqs[i])) for i in rows], device=device)
@@ -123,7 +123,7 @@ def greedy_continuations(model, prompts: list[list[int]], max_new_tokens: int, b
         groups.setdefault(len(p), []).append(i)
     chunks = [idx[a:a + batch_size] for idx in groups.values() for a in range(0, len(idx), batch_size)]
     out: list[list[int]] = [[] for _ in prompts]
-    for rows in tqdm(chunks, disable=not progress, desc=desc, unit="batch"):
+    for rows in tqdm(chunks, disable=None if progress else True, desc=desc, unit="batch"):
         x = torch.tensor([prompts[i] for i in rows], device=device)
         for _ in range(max_new_tokens):
             logits = model(x, logits_to_keep=1).logits  # (B, 1, V)

@@ -137,6 +137,11 @@ class ExperimentConfig:
             raise NewLLMError(f"experiment: samples must be >= 1, got {self.samples}")
         if not self.epochs > 0:
             raise NewLLMError(f"experiment: epochs must be > 0, got {self.epochs}")
+        from newllm.train.config import check_device
+
+        check_device("experiment", self.device)
+        if self.num_threads is not None and self.num_threads < 1:
+            raise NewLLMError(f"experiment: num_threads must be >= 1, got {self.num_threads}")
         if self.recurrent_mode not in MODES:
             raise NewLLMError(f"experiment: recurrent_mode must be one of {MODES}, got {self.recurrent_mode!r}")
         if self.gate_lr is not None and not self.gate_lr > 0:

@@ -111,7 +111,7 @@ def loss_by_position(model, docs: list[np.ndarray], bins: int, progress: bool = 
     total, off, state_bytes = 0.0, None, None
     with model.memory_aside(train=False):
         with record_token_gates(model) as token_gates:
-            for doc in tqdm(docs, desc="loss by position", disable=not progress, leave=False):
+            for doc in tqdm(docs, desc="loss by position", disable=None if progress else True, leave=False):
                 ids = torch.as_tensor(doc.astype(np.int64), device=device)[None]
                 res = model(ids)
                 total = total + _nll(res.logits, ids)

@@ -7,11 +7,12 @@ when no model has the data it needs (e.g. passkey disabled).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from newllm.files import atomic_write, write_json, write_text
+from newllm.train.metrics import read_records
 
 QUICK_NOTE = ("**Reduced size (`--quick`)**: a small model, a small BPE and a short token budget so that the whole "
               "run fits about 10 minutes on 2 CPU cores. The text is real (the configured corpus), but these numbers "
@@ -168,11 +169,9 @@ def _plt():
 
 
 def _save(fig, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     _plt().close(fig)
-    os.replace(tmp, path)
 
 
 def plot_loss_curves(root: Path, names: list[str], path: Path) -> bool:
@@ -183,8 +182,8 @@ def plot_loss_curves(root: Path, names: list[str], path: Path) -> bool:
         f = root / "models" / name / "metrics.jsonl"
         if not f.exists():
             continue
-        recs = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-        pts = [(r["tokens"], r["loss"]) for r in recs if r.get("kind") == "train" and "loss" in r]
+        recs = read_records(f)
+        pts = [(r["tokens"], r["loss"]) for r in recs if r.get("kind") == "train" and r.get("loss") is not None]
         if pts:
             ax.plot(*zip(*pts), lw=1.2, label=name)
             drawn = True
@@ -245,10 +244,8 @@ def plot_passkey(models: dict[str, Any], path: Path) -> bool:
             ax.set_ylabel("prompt tokens")
         ax.set_title(f"{name}: {p.get('overall', 0):.2f}")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return True
 
 
@@ -279,15 +276,11 @@ def plot_gates(models: dict[str, Any], path: Path) -> bool:
 
 def write_report(summary: dict[str, Any], root) -> None:
     root = Path(root)
-    tmp = root / ".results.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, root / "results.json")
+    write_json(root / "results.json", summary)
     models = summary["models"]
     drawn = {"loss_curves.png": plot_loss_curves(root, list(models), root / "loss_curves.png"),
              "loss_by_position.png": plot_loss_by_position(models, root / "loss_by_position.png",
                                                            summary["data"]["seq_len"]),
              "passkey_heatmap.png": plot_passkey(models, root / "passkey_heatmap.png"),
              "gates.png": plot_gates(models, root / "gates.png")}
-    tmp = root / ".report.md.tmp"
-    tmp.write_text(report_markdown(summary, [k for k, ok in drawn.items() if ok]))
-    os.replace(tmp, root / "report.md")
+    write_text(root / "report.md", report_markdown(summary, [k for k, ok in drawn.items() if ok]))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from newllm.errors import NewLLMError
+from newllm.files import atomic_write, write_json, write_text
 from newllm.experiment.config import ExperimentConfig, has_memory_layer, load_experiment_config
 from newllm.experiment.data import mix_documents
 
@@ -33,9 +34,7 @@ CONFIG_FILE = "experiment.yaml"
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(path, obj)  # atomic, valid JSON (newllm.files)
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -73,7 +72,10 @@ class Experiment:
         self.device = resolve_device(cfg.device)
         seed_all(cfg.seed)
         _say(f"tokenizer and data ({cfg.data.corpus})")
-        self.tok = prepare_tokenizer(cfg.train_config(cfg.models[0], 1), self.root, self.data_dir)
+        # the experiment's own folder (run_experiment refused one holding another experiment): its
+        # tokenizer.json, once written, is the one every model of the experiment trains with
+        self.tok = prepare_tokenizer(cfg.train_config(cfg.models[0], 1), self.root, self.data_dir,
+                                     resume_from=self.root)
         self.sep = separator_id(self.tok)
         self._load = dict(tokenizer=self.tok, data_dir=self.data_dir, cache_dir=cfg.data.cache_dir)
         corpus = load_tokens(cfg.data.corpus, cfg.data.train_split, **self._load)
@@ -134,7 +136,7 @@ class Experiment:
         trainer.metrics.close()
         if not (mdir / "final" / "model.safetensors").exists():
             save_model(model, mdir / "final", metadata={"step": trainer.step, "tokens": trainer.tokens})
-            self.tok.save(mdir / "final" / "tokenizer.json")
+            atomic_write(mdir / "final" / "tokenizer.json", self.tok.save)
         res: dict[str, Any] = {
             "preset": name, "parameters": model.num_parameters(), "memory_layers": has_memory_layer(name),
             "overrides": cfg.overrides_for(name), "steps": trainer.step, "train_tokens": trainer.tokens,
@@ -287,7 +289,7 @@ def run_experiment(cfg: ExperimentConfig | None = None, resume=None, data_dir=No
             raise NewLLMError(f"{root} already holds an experiment; continue it with --resume {root} or choose "
                               f"another --out")
         root.mkdir(parents=True, exist_ok=True)
-        (root / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_text(root / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return Experiment(cfg, data_dir=data_dir).run()
 
 
@@ -313,11 +315,11 @@ def resolve_tokenizer(name: str | None, data_dir=None) -> str | None:
 
 
 def _last_train_loss(path: Path) -> float | None:
+    from newllm.train.metrics import read_records
+
     last = None
     if path.exists():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("kind") == "train" and "loss" in rec:
-                    last = rec["loss"]
+        for rec in read_records(path):
+            if rec.get("kind") == "train" and "loss" in rec:
+                last = rec["loss"]
     return last

@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from newllm.config import ModelConfig, dataclass_from_dict
 from newllm.errors import NewLLMError
-from newllm.models.model import LMOutput, State, TransformerLM, detach_state, expand_state
+from newllm.models.model import LMOutput, State, TransformerLM, detach_state, expand_state, lm_loss
 
 INITS = ("learned", "zero")
 
@@ -221,6 +220,4 @@ def build_model(config: ModelConfig) -> TransformerLM:
 
 
 def _loss(logits: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor | None:
-    if labels is None:
-        return None
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    return None if labels is None else lm_loss(logits, labels)

@@ -109,6 +109,8 @@ class TransformerLM(nn.Module):
     def check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2:
             raise NewLLMError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[1] == 0:
+            raise NewLLMError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}); give at least one")
         if input_ids.numel() == 0:
             return
         hi, lo = int(input_ids.max()), int(input_ids.min())
@@ -150,7 +152,7 @@ class TransformerLM(nn.Module):
             self._memory = detach_state(new_state)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = lm_loss(logits, labels)
         return LMOutput(logits=logits, loss=loss, state=new_state, hidden_states=hidden)
 
     # ------------------------------------------------------------------ memory shell
@@ -203,15 +205,26 @@ class TransformerLM(nn.Module):
 
         return None if self._memory is None else snapshot(self, self._memory, compact=compact)
 
-    def set_memory_state(self, state) -> None:
-        """Hold `state`: a `ModelMemoryState` (validated against this model: fingerprint, layer
-        types, shapes; moved to the model's device), a raw per-layer tuple, or None (= reset)."""
+    def set_memory_state(self, state, allow_weight_mismatch: bool = False) -> None:
+        """Hold `state`: a `ModelMemoryState` (validated against this model: fingerprints of config
+        and weights, layer types, shapes; moved to the model's device), a raw per-layer tuple, or
+        None (= reset). A state taken with other weights is refused unless `allow_weight_mismatch`."""
         from newllm.models.state import ModelMemoryState, unpack
 
         if isinstance(state, ModelMemoryState):
-            state = unpack(self, state)
-        elif state is not None:
+            state = unpack(self, state, allow_weight_mismatch=allow_weight_mismatch)
+        elif isinstance(state, (tuple, list)):
+            bad = [i for i, s in enumerate(state)
+                   if s is not None and not (isinstance(s, tuple) and hasattr(type(s), "_fields")
+                                             and all(isinstance(t, torch.Tensor) for t in s))]
+            if bad:
+                raise NewLLMError(f"set_memory_state: entry {bad[0]} is a {type(state[bad[0]]).__name__}, expected a "
+                                  "layer state (a NamedTuple of tensors) or None")
             state = detach_state(tuple(state))
+        elif state is not None:
+            raise NewLLMError(f"set_memory_state: expected a ModelMemoryState (newllm.load_memory_state or "
+                              f"model.get_memory_state()), a tuple of per-layer states, or None; got a "
+                              f"{type(state).__name__}")
         self.check_state(state)
         self._memory = state
 
@@ -233,17 +246,22 @@ class TransformerLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 eos_token_id: int | Sequence[int] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Greedy (default) or sampled decoding; returns the prompt followed by the new tokens.
 
         The prompt is run once and each new token reuses the per-layer states (KV caches and
-        memories), starting from the held memory if there is one. Rows that produced
-        `eos_token_id` are padded with it afterwards, as `transformers` does.
+        memories), starting from the held memory if there is one. `eos_token_id` is one id or
+        several (end of text, end of turn): a row stops at the first of them and is padded with it
+        afterwards, as `transformers` does.
         """
-        if max_new_tokens < 0:
-            raise NewLLMError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise NewLLMError(f"temperature must be > 0 when sampling, got {temperature}")
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise NewLLMError(f"generate: the prompt must be (batch, tokens) with at least one token, got shape "
+                              f"{tuple(input_ids.shape)} (an empty prompt has nothing to continue)")
+        stops = ([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
+                 else list(eos_token_id))
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=input_ids.device)
         out = input_ids
         if max_new_tokens == 0:
             return out
@@ -252,11 +270,12 @@ class TransformerLM(nn.Module):
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             nxt = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done = done | (nxt == eos_token_id)
+            if stops:
+                pad = out[:, -1] if step else torch.full_like(nxt, stops[0])  # a finished row repeats its stop id
+                nxt = torch.where(done, pad, nxt)
+                done = done | torch.isin(nxt, stop_ids)
             out = torch.cat((out, nxt[:, None]), dim=1)
-            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+            if step + 1 == max_new_tokens or (stops and bool(done.all())):
                 break
             res = self(nxt[:, None], state=state)
             state, logits = res.state, res.logits[:, -1]
@@ -274,6 +293,32 @@ class TransformerLM(nn.Module):
                 "layer_types": types, "hidden_size": self.config.hidden_size, "vocab_size": self.config.vocab_size,
                 "dtype": str(next(self.parameters()).dtype).replace("torch.", ""),
                 "tie_word_embeddings": self.config.tie_word_embeddings}
+
+
+def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top_k: int | None,
+                   top_p: float | None) -> None:
+    """One-line errors for decoding settings that would crash or mean nothing."""
+    import math
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise NewLLMError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise NewLLMError(f"temperature must be a finite number > 0 when sampling, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise NewLLMError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise NewLLMError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy: logits at position t score labels[t + 1]; -100 is ignored.
+    Labels that leave nothing to score (all -100, or a single position) are an error, never a
+    silent NaN loss."""
+    target = labels[:, 1:]
+    if target.numel() == 0 or not bool((target != -100).any()):
+        raise NewLLMError(f"labels {tuple(labels.shape)} leave no token to score (every label after the first is "
+                          "-100, or there is only one position); a loss over nothing would be NaN")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(), ignore_index=-100)
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,

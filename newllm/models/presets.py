@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from newllm.config import ModelConfig
+from newllm.config import ModelConfig, check_value, dataclass_from_dict
 from newllm.errors import NewLLMError
 from newllm.models.layers import LAYER_REGISTRY
 from newllm.models.layers.base import ALIASES
@@ -72,29 +72,30 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     fields = {k: v for k, v in preset.items()}
     for key, value in overrides.items():
         fields[ALIASES.get(key, key)] = value
+    where = f"create_model({name!r})"
     first, rest = list(fields.pop("first")), fields.pop("rest")
-    n = fields.pop("num_hidden_layers")
+    n = check_value(fields.pop("num_hidden_layers"), int, f"{where}: num_hidden_layers")
     if n < len(first) or n < 1:
-        raise NewLLMError(f"preset {name!r}: num_hidden_layers must be >= {max(len(first), 1)}, got {n}")
+        raise NewLLMError(f"{where}: num_hidden_layers must be >= {max(len(first), 1)}, got {n}")
     types = first + [rest] * (n - len(first))
     model_fields = {f.name for f in dataclasses.fields(ModelConfig)} - {"layers"}
     used = set()
     layers = []
     for t in types:
         if t not in LAYER_REGISTRY:
-            raise NewLLMError(f"preset {name!r}: unknown layer type {t!r}; registered: {sorted(LAYER_REGISTRY)}")
+            raise NewLLMError(f"{where}: unknown layer type {t!r}; registered: {sorted(LAYER_REGISTRY)}")
         cfg_fields = {f.name for f in dataclasses.fields(LAYER_REGISTRY[t].config_class)}
         spec = {k: v for k, v in fields.items() if k in cfg_fields}
         used |= set(spec)
-        layers.append({"type": t, **LAYER_REGISTRY[t].config_class(**spec).__dict__})
+        layers.append({"type": t, **dataclass_from_dict(LAYER_REGISTRY[t].config_class, spec, where).__dict__})
     model_kwargs = {k: v for k, v in fields.items() if k in model_fields}
     used |= set(model_kwargs)
     unknown = sorted(set(fields) - used)
     if unknown:
-        raise NewLLMError(f"preset {name!r}: option(s) {unknown} match no field of the model or its layers "
+        raise NewLLMError(f"{where}: option(s) {unknown} match no field of the model or its layers "
                           f"({sorted(set(types))})")
     model_kwargs.setdefault("name", name)
-    return ModelConfig(layers=layers, **model_kwargs)
+    return dataclass_from_dict(ModelConfig, {"layers": layers, **model_kwargs}, where)
 
 
 def create_model(name: str, **overrides) -> TransformerLM:

@@ -13,14 +13,21 @@ File format (`FORMAT_NAME`, version `FORMAT_VERSION`): a safetensors file whose 
 `"{entry}.{field}"` (e.g. `"0.memory"`, `"3.k"`) and whose metadata holds one key, `"newllm"`, a
 JSON header::
 
-    {"format": "newllm.memory_state", "version": 1, "fingerprint": <model.config.fingerprint()>,
-     "compact": bool, "tokens_absorbed": int | null,
+    {"format": "newllm.memory_state", "version": 2, "fingerprint": <model.config.fingerprint()>,
+     "weights": <weights_fingerprint(model)>, "compact": bool, "tokens_absorbed": int | null,
      "entries": [{"index": i, "layer_type": "infini" | "pythia" | ... | "model",
                   "state_type": "InfiniState" | "KVCache" | null, "fields": [...],
                   "compressive": bool, "tokens": int | null,
                   "tensors": {field: {"shape": [...], "dtype": "float32"}}}, ...],
      "sha256": hex digest of the header without this key, then every tensor's name, dtype,
                shape and bytes in entry/field order}
+
+The fingerprints: `fingerprint` covers the config (layer types, sizes, rules), `weights` a sha256
+of every weight, so a state taken with one model is refused by another model of the same config
+whose weights differ (a memory means something only to the weights that wrote it); accepting such
+a state anyway is explicit: `set_memory_state(state, allow_weight_mismatch=True)`, `newllm memory
+check --allow-weight-mismatch`. A `torch.save`d file (the seeds' `memory.pt`) is recognised and
+refused by name: it is pickle, which newllm never loads from a foreign file.
 
 The digest makes a tampered or truncated file fail loudly (`NewLLMError`, one line) instead of
 loading wrong numbers. It is an integrity check, not a signature: anyone can recompute it. No
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +55,11 @@ import torch
 
 from newllm.config import DTYPE_NAMES
 from newllm.errors import NewLLMError
+from newllm.files import atomic_write
 from newllm.models.layers.base import check_state_fields
 
 FORMAT_NAME = "newllm.memory_state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights fingerprint
 METADATA_KEY = "newllm"
 MODEL_ENTRY = "model"  # layer_type of entries after the layers (model-level state)
 
@@ -84,6 +93,7 @@ class ModelMemoryState:
 
     fingerprint: str  # model.config.fingerprint() of the model it was taken from
     entries: list[EntryState]
+    weights: str | None = None  # weights_fingerprint() of that model (None: not recorded)
     compact: bool = False
     tokens_absorbed: int | None = None  # the most any entry has absorbed (None: no layer can tell)
     version: int = FORMAT_VERSION
@@ -107,7 +117,7 @@ class ModelMemoryState:
 
     def header(self) -> dict[str, Any]:
         return {"format": self.format, "version": self.version, "fingerprint": self.fingerprint,
-                "compact": self.compact, "tokens_absorbed": self.tokens_absorbed,
+                "weights": self.weights, "compact": self.compact, "tokens_absorbed": self.tokens_absorbed,
                 "entries": [e.describe() for e in self.entries]}
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
@@ -118,6 +128,28 @@ class ModelMemoryState:
 # ---------------------------------------------------------------------------- from / to a model
 # Everything below reads only what layers declare (BaseLayer: state_type, state_spec,
 # tokens_absorbed, has_compressive_memory) and what the model declares (extra_state_types).
+_weights_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model) -> str:
+    """Short sha256 of every weight and buffer (name, dtype, shape, bytes) of `model`. Kept per model
+    until a parameter is changed or replaced (torch's in-place version counters), so asking again
+    for an unchanged model costs nothing."""
+    tensors = model.state_dict(keep_vars=True)
+    key = tuple((k, t.data_ptr(), t._version) for k, t in tensors.items())
+    hit = _weights_cache.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{DTYPE_NAMES.get(t.dtype, str(t.dtype))}|{list(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest_ = h.hexdigest()[:16]
+    _weights_cache[model] = (key, digest_)
+    return digest_
+
+
 def entry_tokens(layer, state) -> int | None:
     """Tokens a layer's state has absorbed, as the layer tells (None for model-level entries)."""
     if state is None or layer is None:
@@ -145,7 +177,8 @@ def snapshot(model, raw: tuple, compact: bool = False) -> ModelMemoryState:
                               "of tensors")
         entries.append(EntryState(i, layer_type, type(s).__name__, tuple(s._fields),
                                   tuple(t.detach() for t in s), compressive, tokens))
-    return ModelMemoryState(model.config.fingerprint(), entries, compact, max(known) if known else None)
+    return ModelMemoryState(model.config.fingerprint(), entries, weights_fingerprint(model), compact,
+                            max(known) if known else None)
 
 
 def entry_type(model, index: int):
@@ -173,9 +206,10 @@ def check_entry(model, layer, e: EntryState) -> None:
     check_state_fields(f"{where} ({e.layer_type})", layer.state_spec(), cls(*e.tensors))
 
 
-def unpack(model, state: ModelMemoryState) -> tuple:
+def unpack(model, state: ModelMemoryState, allow_weight_mismatch: bool = False) -> tuple:
     """Validate `state` against `model` and return the raw per-entry tuple, on the model's device
-    and in its dtypes (floating tensors are cast to the dtype the layer declares, or the model's)."""
+    and in its dtypes (floating tensors are cast to the dtype the layer declares, or the model's).
+    A state taken with other weights (same config) is refused unless `allow_weight_mismatch`."""
     if not isinstance(state, ModelMemoryState):
         raise NewLLMError(f"expected a ModelMemoryState, got {type(state).__name__}")
     if state.format != FORMAT_NAME or state.version != FORMAT_VERSION:
@@ -195,6 +229,11 @@ def unpack(model, state: ModelMemoryState) -> tuple:
     if state.fingerprint != want:
         raise NewLLMError(f"memory state fingerprint {state.fingerprint} does not match the model's {want} "
                           "(same layer types and shapes, but a different config: segment length, rule, ...)")
+    have = weights_fingerprint(model)
+    if state.weights != have and not allow_weight_mismatch:
+        raise NewLLMError(f"memory state was taken with other weights (weights fingerprint {state.weights}, this "
+                          f"model's {have}): same config, but the memory means something only to the model that "
+                          "wrote it; pass allow_weight_mismatch=True (--allow-weight-mismatch) to use it anyway")
     p = next(model.parameters())
     raw = []
     for i, e in enumerate(state.entries):
@@ -237,7 +276,7 @@ def save_memory_state(state: ModelMemoryState, path: str | Path) -> None:
     tensors = {k: t.detach().cpu().contiguous().clone() for k, t in state.named_tensors().items()}
     header = state.header()
     header["sha256"] = digest(header, tensors)
-    save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(header)})
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={METADATA_KEY: json.dumps(header)}))
 
 
 def load_memory_state(path: str | Path) -> ModelMemoryState:
@@ -248,6 +287,12 @@ def load_memory_state(path: str | Path) -> ModelMemoryState:
     path = Path(path)
     if not path.is_file():
         raise NewLLMError(f"{path}: memory state file not found")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:4] == b"PK\x03\x04" or (len(magic) >= 2 and magic[0] == 0x80 and 2 <= magic[1] <= 5):
+        raise NewLLMError(f"{path}: a PyTorch pickle file (torch.save, like the seeds' memory.pt), not a newllm memory "
+                          "state; newllm never unpickles a foreign file: make the state with newllm "
+                          "(model.get_memory_state() + newllm.save_memory_state, or `newllm memory save`)")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -280,8 +325,8 @@ def load_memory_state(path: str | Path) -> ModelMemoryState:
         raise NewLLMError(f"{path}: sha256 check failed: the file was modified or damaged after it was saved")
     try:
         entries = [load_entry(e, ordered, path) for e in entries_h]
-        return ModelMemoryState(header["fingerprint"], entries, header["compact"], header["tokens_absorbed"],
-                                header["version"], header["format"])
+        return ModelMemoryState(header["fingerprint"], entries, header["weights"], header["compact"],
+                                header["tokens_absorbed"], header["version"], header["format"])
     except (KeyError, TypeError) as err:
         raise NewLLMError(f"{path}: memory-state header is malformed (missing or wrong {err})") from None
 

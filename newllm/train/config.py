@@ -29,6 +29,8 @@ from newllm.errors import NewLLMError
 from newllm.train.lct import MODES, LCTConfig
 
 AMP_MODES = ("none", "bf16", "fp16")
+#: what `device` may say: auto, cpu, cuda, cuda:N, mps (checked when the recipe is read, not at the first step)
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -138,6 +140,9 @@ class TrainConfig:
             raise NewLLMError(f"train: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.mode not in MODES:
             raise NewLLMError(f"train: mode must be one of {MODES}, got {self.mode!r}")
+        check_device("train", self.device)
+        if self.num_threads is not None:
+            _check_pos("train", num_threads=self.num_threads)
         for name, group in self.param_groups.items():
             unknown = sorted(set(group) - {"lr", "weight_decay"})
             if unknown:
@@ -153,6 +158,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "TrainConfig":
         return dataclass_from_dict(cls, d, where)
+
+
+def check_device(owner: str, device: str) -> None:
+    if not DEVICE_RE.match(device):
+        raise NewLLMError(f"{owner}: device must be auto, cpu, cuda, cuda:N or mps, got {device!r}")
 
 
 def _check_pos(owner, **values):
@@ -184,9 +194,13 @@ def parse_yaml(text: str):
 def load_yaml(path) -> dict[str, Any]:
     path = Path(path)
     try:
-        d = parse_yaml(path.read_text())
+        d = parse_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NewLLMError(f"{path}: no such config file") from None
+    except IsADirectoryError:
+        raise NewLLMError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError as e:
+        raise NewLLMError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise NewLLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(d, dict):

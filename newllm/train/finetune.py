@@ -28,6 +28,8 @@ The tasks (each evaluated in `newllm.eval`; the evaluations never depend on how 
 """
 from __future__ import annotations
 
+import math
+
 import random
 from collections.abc import Iterable, Iterator
 
@@ -50,7 +52,7 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float, 
     moved to the model's); returns the loss of every step. See the module doc."""
     from tqdm.auto import tqdm
 
-    if steps < 0 or not lr > 0 or weight_decay < 0 or max_grad_norm < 0:
+    if steps < 0 or not 0 < lr < math.inf or weight_decay < 0 or max_grad_norm < 0:
         raise NewLLMError(f"{desc}: need steps >= 0, lr > 0, weight_decay >= 0 and max_grad_norm >= 0; got "
                           f"steps={steps}, lr={lr}, weight_decay={weight_decay}, max_grad_norm={max_grad_norm}")
     opt = torch.optim.AdamW(build_param_groups(model, lr, weight_decay, param_groups or {}), lr=lr)
@@ -58,7 +60,7 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float, 
     it = iter(batches)
     losses: list[float] = []
     with model.memory_aside(train=True):
-        for step in tqdm(range(steps), disable=not progress, desc=desc, unit="step"):
+        for step in tqdm(range(steps), disable=None if progress else True, desc=desc, unit="step"):
             try:
                 ids, labels = next(it)
             except StopIteration:
@@ -146,7 +148,7 @@ def finetune_on_texts(model, tokenizer, texts: list[str], steps: int, lr: float 
     window of its own length. The steps are `finetune`'s (`param_groups`, e.g.
     ``{"gates": {"lr": 1e-2}}``); `newllm.eval.reversal.reversal_eval` scores the result.
     """
-    if steps < 0 or lr <= 0 or batch_size < 1 or seq_len < 2:
+    if steps < 0 or not 0 < lr < math.inf or batch_size < 1 or seq_len < 2:
         raise NewLLMError(f"finetune_on_texts: need steps >= 0, lr > 0, batch_size >= 1, seq_len >= 2; got "
                           f"steps={steps}, lr={lr}, batch_size={batch_size}, seq_len={seq_len}")
     if not texts:

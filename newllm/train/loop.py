@@ -36,6 +36,7 @@ import hashlib
 import math
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from newllm.errors import NewLLMError
+from newllm.files import atomic_write, write_json, write_text
 from newllm.train import checkpoint as ckpt
 from newllm.train.config import TrainConfig
 from newllm.train.lct import make_cache, require_context_model, step_loss
@@ -135,7 +137,7 @@ class Trainer:
             require_context_model(self.model, cfg.mode)
             self.lct_cache = make_cache(self.model, cfg.lct) if cfg.mode == "lct" else None
         self.valid_tokens = valid_tokens
-        self.optimizer = build_optimizer(self.model, cfg)
+        self.optimizer = self.make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         self.tokens = 0  # predicted tokens consumed
@@ -167,14 +169,7 @@ class Trainer:
         model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            x = self.next_batch()
-            with self.autocast():
-                if cfg.mode == "parallel":
-                    logits = model(x[:, :-1]).logits  # (B, T, V)
-                else:  # sequential / lct: all seq_len + 1 tokens in, the same seq_len predictions scored
-                    loss = self.recurrent_loss(x, measure=micro == 0)
-            if cfg.mode == "parallel":
-                loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            loss = self.batch_loss(self.next_batch(), micro)
             self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         step = self.step + 1
@@ -198,6 +193,8 @@ class Trainer:
             if self.skipped > cfg.max_nonfinite_skips:
                 raise TrainingDiverged(f"non-finite {what} at step {step}: {self.skipped} steps skipped, more than "
                                        f"max_nonfinite_skips={cfg.max_nonfinite_skips}")
+            warnings.warn(f"non-finite {what} at step {step}: update skipped ({self.skipped} so far, at most "
+                          f"{cfg.max_nonfinite_skips})")
             self.scaler.update()
         else:
             self.scaler.step(self.optimizer)
@@ -206,6 +203,20 @@ class Trainer:
         self.step = step
         self.tokens += cfg.tokens_per_step
         return StepResult(loss_value, grad_norm, self.cfg.lr * factor, skipped)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over the model's parameter groups (`newllm.train.optim`); a subclass may group differently
+        (each group needs a `name` and a `base_lr`, and `_group_base_lr(name)` to give it back on resume)."""
+        return build_optimizer(self.model, self.cfg)
+
+    def batch_loss(self, x: torch.Tensor, micro: int) -> torch.Tensor:
+        """The loss of one micro-batch x (B, seq_len + 1): next-token CE in mode parallel (the recurrent
+        modes: `recurrent_loss`). A subclass may compute another loss from the same windows."""
+        with self.autocast():
+            if self.cfg.mode != "parallel":  # sequential / lct: all seq_len + 1 tokens in, seq_len predictions scored
+                return self.recurrent_loss(x, measure=micro == 0)
+            logits = self.model(x[:, :-1]).logits  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 
     def recurrent_loss(self, x: torch.Tensor, measure: bool) -> torch.Tensor:
         """Loss of one micro-batch in mode sequential or lct; logs LCT staleness every lct.staleness_every steps."""
@@ -242,7 +253,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics is None:
             self.metrics = MetricsLog(self.run_dir, resume_step=self.step, tensorboard=tensorboard)
-        bar = tqdm(total=self._bar_total(), initial=self.step, disable=not cfg.progress, unit="step",
+        bar = tqdm(total=self._bar_total(), initial=self.step, disable=None if cfg.progress else True, unit="step",
                    dynamic_ncols=True)
         last_t, last_tokens, last_ckpt = self.elapsed_s, self.tokens, self.step
         try:
@@ -347,13 +358,43 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- the whole run
-def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, data_dir=None):
-    """The run's tokenizer: run_dir/tokenizer.json if present (resume), the configured file, or a new BPE."""
+#: what a run writes into its folder: a fresh run refuses a folder holding any of them (unless forced)
+RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json", "config.yaml", "tokenizer.json",
+               "loss.png", "tensorboard")
+
+
+def claim_run_dir(run_dir: Path, force: bool = False) -> None:
+    """Make `run_dir` ready for a fresh run. A folder that holds a previous run's outputs is refused
+    (nothing a user made is lost): resume it, choose another run_dir, or pass `force` to start over,
+    which deletes those outputs (only newllm's own names, `RUN_OUTPUTS`) before anything is written."""
+    import shutil
+
+    if run_dir.exists() and not run_dir.is_dir():
+        raise NewLLMError(f"run_dir {run_dir}: exists and is not a folder")
+    taken = [n for n in RUN_OUTPUTS if (run_dir / n).exists() or (run_dir / n).is_symlink()]
+    if taken and not force:
+        raise NewLLMError(f"run_dir {run_dir}: holds a previous run ({', '.join(taken)}); continue it with "
+                          f"--resume {run_dir}, choose another run_dir, or pass --force to start over (deletes them)")
+    for n in taken:
+        p = run_dir / n
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, data_dir=None, *, resume_from: Path | None):
+    """The run's tokenizer, written to run_dir/tokenizer.json. Resuming (`resume_from`: the run folder
+    the checkpoint belongs to): its tokenizer.json, the one the checkpoint was trained with (built
+    again only if that run stopped before writing it). A fresh run (`resume_from=None`) never reuses
+    a tokenizer.json it finds: it loads the configured file or trains a new BPE."""
     from newllm.checkpoints import load_tokenizer
 
     saved = run_dir / "tokenizer.json"
-    if saved.exists():
-        return load_tokenizer(saved)
+    if resume_from is not None and (resume_from / "tokenizer.json").exists():
+        tok = load_tokenizer(resume_from / "tokenizer.json")
+        if Path(resume_from).resolve() != run_dir.resolve():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(saved, tok.save)
+        return tok
     if cfg.data.tokenizer is not None:
         tok = load_tokenizer(cfg.data.tokenizer)
     else:
@@ -363,7 +404,7 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, data_dir=None):
         docs = load_documents(cfg.data.corpus, split=cfg.data.train_split, data_dir=data_dir)
         tok = train_bpe(docs, cfg.data.bpe_vocab_size, min_frequency=cfg.data.bpe_min_frequency)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(saved)
+    atomic_write(saved, tok.save)
     return tok
 
 
@@ -380,24 +421,26 @@ def build_model(cfg: TrainConfig, tokenizer):
 
 
 def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None = None,
-          tensorboard: bool = True) -> dict[str, Any]:
+          tensorboard: bool = True, force: bool = False) -> dict[str, Any]:
     """Run a recipe end to end: tokenizer, tokens, model, training, final model, final evaluation.
 
     Returns the final results (also written to RUN_DIR/results.json). `resume` is a run folder or a
     checkpoint folder; `stop_after` halts after that many steps (with a checkpoint), for tests and
-    for splitting a run into sessions.
+    for splitting a run into sessions. A fresh run refuses a run_dir that holds a previous run unless
+    `force` (`claim_run_dir`); so does a resume whose run_dir is another run's folder.
     """
-    import json
-
     from newllm.data.corpora import load_tokens
 
     data_dir = data_dir or cfg.data.data_dir
     folder = ckpt.find_checkpoint(resume) if resume is not None else None
     run_dir = Path(cfg.run_dir)
+    source = ckpt.owning_run(folder) if folder is not None else None  # None: a checkpoint outside any run
+    if source is None or source.resolve() != run_dir.resolve():
+        claim_run_dir(run_dir, force)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     seed_all(cfg.seed)
-    tok = prepare_tokenizer(cfg, run_dir, data_dir)
+    tok = prepare_tokenizer(cfg, run_dir, data_dir, resume_from=source)
     load = dict(tokenizer=tok, data_dir=data_dir, cache_dir=cfg.data.cache_dir)
     train_tokens = load_tokens(cfg.data.corpus, cfg.data.train_split, **load)
     valid_tokens = load_tokens(cfg.data.corpus, cfg.data.valid_split, **load) if cfg.eval.every else None
@@ -406,7 +449,7 @@ def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None =
     trainer = Trainer(cfg, model, train_tokens, valid_tokens, run_dir=run_dir)
     if folder is not None:
         trainer.load(folder)
-    (run_dir / "config.yaml").write_text(_yaml(cfg.to_dict()))
+    write_text(run_dir / "config.yaml", _yaml(cfg.to_dict()))
     print(f"newllm train: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
           f"{cfg.tokens_per_step:,} tokens/step, device {trainer.device}, run folder {run_dir}")
     trainer.run(stop_after=stop_after, tensorboard=tensorboard)
@@ -414,12 +457,17 @@ def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None =
         trainer.metrics.close()
         return {"step": trainer.step, "stopped_early": True}
     results = finish(trainer, tok, data_dir)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    write_json(run_dir / "results.json", results)
     return results
 
 
 def finish(trainer: Trainer, tok, data_dir=None) -> dict[str, Any]:
-    """Save RUN_DIR/final (model + tokenizer.json) and score every eval.final_splits split in full."""
+    """Save RUN_DIR/final (model + tokenizer.json) and score every eval.final_splits split in full.
+
+    A final perplexity that is not finite (NaN/Inf weights, an overflow) is loud: a warning naming
+    the split, and `results.json` records null with the reason (newllm.files.dumps_json)."""
+    import warnings
+
     from newllm.checkpoints.native import save_model
     from newllm.data.corpora import load_documents, load_tokens
 
@@ -427,7 +475,7 @@ def finish(trainer: Trainer, tok, data_dir=None) -> dict[str, Any]:
     final = run_dir / "final"
     save_model(trainer.model, final, metadata={"step": trainer.step, "tokens": trainer.tokens,
                                                "train_config": cfg.to_dict()})
-    tok.save(final / "tokenizer.json")
+    atomic_write(final / "tokenizer.json", tok.save)
     results: dict[str, Any] = {"step": trainer.step, "tokens": trainer.tokens, "train_seconds": trainer.elapsed_s,
                                "train_tokens_per_s": trainer.tokens / max(trainer.elapsed_s, 1e-9),
                                "parameters": trainer.model.num_parameters(), "skipped_steps": trainer.skipped}
@@ -437,6 +485,9 @@ def finish(trainer: Trainer, tok, data_dir=None) -> dict[str, Any]:
         res = trainer.perplexity(tokens, text=text, progress=cfg.progress)
         entry = {k: getattr(res, k) for k in ("token_ppl", "word_ppl", "bits_per_byte", "n_tokens", "n_words",
                                               "n_bytes", "nll_sum")}
+        if not math.isfinite(res.nll_sum):
+            warnings.warn(f"final evaluation on {split!r}: token PPL {res.token_ppl} is not finite (the model has "
+                          "NaN/Inf weights or overflowed); results.json records null", RuntimeWarning, stacklevel=2)
         results[split] = entry
         trainer.metrics.log("final", trainer.step, split=split, **entry)
     trainer.metrics.plot()

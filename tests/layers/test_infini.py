@@ -134,7 +134,7 @@ def test_constructor_forms_gate_and_spec():
     (dict(local_attention="flash"), "local_attention must be one of"),
     (dict(segment_length=0), "segment_length must be > 0"),
     (dict(memory_update_clamp=-1.0), "memory_update_clamp must be > 0"),
-    (dict(segments_per_bnk=2), r"unknown option\(s\) \['segments_per_bnk'\]"),
+    (dict(segments_per_bnk=2), r"unknown key\(s\) \['segments_per_bnk'\]"),
 ])
 def test_bad_config(options, match):
     with pytest.raises(NewLLMError, match=match):

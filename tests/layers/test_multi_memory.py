@@ -170,7 +170,7 @@ def test_preset_options_and_bad_config():
     assert m.layers[0].init_state(1).memory.shape == (1, 8, 1, 32, 32)
     with pytest.raises(NewLLMError, match="num_memories must be > 0"):
         MultiMemoryLayer(32, 4, 64, num_memories=0)
-    with pytest.raises(NewLLMError, match=r"unknown option\(s\) \['num_memory_banks'\]"):
+    with pytest.raises(NewLLMError, match=r"unknown key\(s\) \['num_memory_banks'\]"):
         MultiMemoryLayer(32, 4, 64, num_memory_banks=2)  # banks are InfiniLayer's; memories are num_memories
 
 

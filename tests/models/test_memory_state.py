@@ -95,7 +95,7 @@ def test_header_is_self_describing(infini_with_memory, tmp_path):
 
     with safe_open(str(tmp_path / "m.safetensors"), "pt") as f:
         header = json.loads(f.metadata()["newllm"])
-    assert header["format"] == "newllm.memory_state" and header["version"] == 1
+    assert header["format"] == "newllm.memory_state" and header["version"] == 2
     assert header["fingerprint"] == infini_with_memory.config.fingerprint()
     assert header["tokens_absorbed"] == 37 and not header["compact"]
     assert [e["layer_type"] for e in header["entries"]] == ["infini", "pythia", "pythia"]

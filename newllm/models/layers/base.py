@@ -39,6 +39,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from newllm.config import ModelConfig, dataclass_from_dict
 from newllm.errors import NewLLMError
 
 LAYER_REGISTRY: dict[str, type["BaseLayer"]] = {}
@@ -64,7 +65,30 @@ def build_layer(spec: dict[str, Any]) -> "BaseLayer":
     if name not in LAYER_REGISTRY:
         raise NewLLMError(f"unknown layer type {name!r}; registered: {sorted(LAYER_REGISTRY)}")
     cls = LAYER_REGISTRY[name]
-    return cls.from_config(cls.config_class(**spec))
+    return cls.from_config(dataclass_from_dict(cls.config_class, spec, where=f"layer type {name!r}"))
+
+
+def check_layer_spec(spec: dict[str, Any], where: str, prefix: str = "", require: bool = False) -> dict[str, Any]:
+    """`{"type": name, **fields}` with every field checked by the layer type's config class
+    (`dataclass_from_dict`: types, ranges, the key named `prefix + key`); returns the full spec."""
+    if not isinstance(spec, dict):
+        raise NewLLMError(f"{where}: {prefix.rstrip('.')} must be a mapping, got {type(spec).__name__}")
+    name = spec.get("type")
+    if not isinstance(name, str) or name not in LAYER_REGISTRY:
+        raise NewLLMError(f"{where}: {prefix}type {name!r} is not a registered layer type; registered: "
+                          f"{sorted(LAYER_REGISTRY)}")
+    fields = {k: v for k, v in spec.items() if k != "type"}
+    config = dataclass_from_dict(LAYER_REGISTRY[name].config_class, fields, where, prefix, require=require)
+    return {"type": name, **dataclasses.asdict(config)}
+
+
+def model_config_from_dict(d: dict[str, Any], where: str, require: bool = False) -> ModelConfig:
+    """A `ModelConfig` from a mapping (a `newllm.json` config), every layer spec checked by its layer
+    type's config class first (`check_layer_spec`). `require=True` (a config newllm wrote, which lists
+    every field) makes a missing model or layer field an error, never a default."""
+    if isinstance(d, dict) and isinstance(d.get("layers"), list):
+        d = {**d, "layers": [check_layer_spec(spec, where, f"layers[{i}].", require) for i, spec in enumerate(d["layers"])]}
+    return dataclass_from_dict(ModelConfig, d, where, require=require)
 
 
 class StateField(NamedTuple):
@@ -219,11 +243,7 @@ def resolve_config(config_class, config, args: tuple, kwargs: dict, positional: 
         if key in values:
             raise NewLLMError(f"{config_class.__name__}: {key} given twice")
         values[key] = value
-    names = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise NewLLMError(f"{config_class.__name__}: unknown option(s) {unknown}; known: {sorted(names)}")
-    return config_class(**values)
+    return dataclass_from_dict(config_class, values, where=config_class.__name__)
 
 
 def check_positive(owner: str, **values) -> None:

@@ -39,6 +39,9 @@ class LlamaLayerConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             check_positive("LlamaLayer", num_attention_heads=self.num_attention_heads)
+            if self.hidden_size % self.num_attention_heads:
+                raise NewLLMError(f"LlamaLayer: hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                                  f"{self.num_attention_heads} (give head_dim to use heads of another size)")
             self.head_dim = self.hidden_size // self.num_attention_heads
         check_positive("LlamaLayer", hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
                        num_key_value_heads=self.num_key_value_heads, head_dim=self.head_dim,
