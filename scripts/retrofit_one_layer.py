@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from newllm import NewLLMError, load_pretrained
+from newllm.files import check_output, write_json
 from newllm.checkpoints import load_tokenizer
 from newllm.data.corpora import find_data_dir, load_tokens, scored_text, separator_id
 from newllm.eval.perplexity import sliding_window_perplexity
@@ -48,10 +48,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results here (refused if the file exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
-    out = Path(args.json) if args.json else None
-    if out is not None and out.exists() and not (out.is_file() and args.force):  # checked before any work
-        raise NewLLMError(f"{out}: exists; pass --force to replace it" if out.is_file()
-                          else f"{out}: exists and is not a regular file")
+    out = check_output(args.json, args.force) if args.json else None  # checked before any work
     torch.manual_seed(args.seed)
     data_dir = find_data_dir(args.data_dir)
     model_path = Path(args.model or data_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -117,9 +114,7 @@ def main(argv=None) -> int:
         res[k]["ratio"] = res[k]["token_ppl"] / res["baseline"]["token_ppl"]
     print(json.dumps({k: v for k, v in res.items() if k != "losses"}, indent=2))
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, out)  # atomic: a killed run leaves the old file or the new one
+        write_json(out, res)  # atomic: a killed run leaves the old file or the new one
     return 0
 
 

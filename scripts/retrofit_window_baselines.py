@@ -4,6 +4,7 @@ unchanged model on the same tokens.
 
     python3 scripts/retrofit_window_baselines.py                 # SmolLM2-135M, 12,000 WikiText-2 valid tokens
     python3 scripts/retrofit_window_baselines.py --limit-tokens 4000 --json out.json
+    python3 scripts/retrofit_window_baselines.py --only "every other layer"     # those rows (and the baseline)
 
 A memory layer in layer i is worth something only where it beats layer i restricted to the same
 window (docs/retrofit.md).
@@ -11,14 +12,13 @@ window (docs/retrofit.md).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from newllm import NewLLMError, load_pretrained
+from newllm.files import check_output, write_json
 from newllm.checkpoints import load_tokenizer
 from newllm.data.corpora import find_data_dir, load_tokens, scored_text, separator_id
 from newllm.eval.perplexity import sliding_window_perplexity
@@ -34,13 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--stride", type=int, default=512)
     p.add_argument("--sinks", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--only", action="append", default=[], metavar="LAYERS",
+                   help="score only these rows (e.g. 'every other layer'; repeatable); the baseline is always scored")
     p.add_argument("--json", help="write the rows here too (refused if the file exists, unless --force)")
     p.add_argument("--force", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
-    out = Path(args.json) if args.json else None
-    if out is not None and out.exists() and not (out.is_file() and args.force):  # checked before any work
-        raise NewLLMError(f"{out}: exists; pass --force to replace it" if out.is_file()
-                          else f"{out}: exists and is not a regular file")
+    out = check_output(args.json, args.force) if args.json else None  # checked before any work
     data_dir = find_data_dir(args.data_dir)
     model_path = Path(args.model or data_dir / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
     tok = load_tokenizer(model_path)
@@ -57,6 +56,12 @@ def main(argv=None) -> int:
                 continue  # the table: W=256 only for the middle layer and every other layer
             for sinks in (0, args.sinks):
                 variants.append((name, {i: {"sliding_window": w, "attention_sinks": sinks} for i in layers}, w, sinks))
+    names = {v[0] for v in variants}
+    unknown = sorted(set(args.only) - names)
+    if unknown:
+        raise NewLLMError(f"--only {unknown}: no such rows; known: {sorted(names)}")
+    if args.only:
+        variants = [v for v in variants if v[0] == "baseline" or v[0] in args.only]
     rows, ref = [], None
     for name, options, w, sinks in variants:
         model = with_layer_options(base, options) if options else base
@@ -72,9 +77,7 @@ def main(argv=None) -> int:
     res = {"model": str(model_path), "tokens": int(len(tokens)), "context": args.context, "stride": args.stride,
            "dtype": args.dtype, "rows": rows}
     if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        os.replace(tmp, out)  # atomic: a killed run leaves the old file or the new one
+        write_json(out, res)  # atomic: a killed run leaves the old file or the new one
     return 0
 
 

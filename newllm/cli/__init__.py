@@ -12,7 +12,7 @@ import sys
 from newllm.errors import NewLLMError
 
 #: subcommand modules, in the order `newllm --help` lists them
-COMMANDS = ["info", "generate", "train", "eval", "experiment", "memory", "trace"]
+COMMANDS = ["info", "generate", "train", "eval", "experiment", "memory", "trace", "retrofit"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -60,8 +60,8 @@ def memory_spec(spec: dict, kind: str = "infini", **options) -> dict:
         return {"type": kind, **LAYER_REGISTRY[kind].config_class(**{**fields, **options}).__dict__}
     if t == "llama":
         if spec["head_dim"] * spec["num_attention_heads"] != spec["hidden_size"]:
-            raise NewLLMError(f"memory_spec: layer head_dim {spec['head_dim']} x {spec['num_attention_heads']} heads != "
-                              f"hidden_size {spec['hidden_size']}; the memory mixer needs h * Dh = d")
+            raise NewLLMError(f"memory_spec: layer head_dim {spec['head_dim']} x {spec['num_attention_heads']} "
+                              f"heads != hidden_size {spec['hidden_size']}; the memory mixer needs h * Dh = d")
         base = dict(block="llama", num_key_value_heads=spec["num_key_value_heads"], rms_norm_eps=spec["rms_norm_eps"],
                     attention_bias=spec["attention_bias"], mlp_bias=spec["mlp_bias"], hidden_act="silu")
     elif t == "pythia":
@@ -75,6 +75,9 @@ def memory_spec(spec: dict, kind: str = "infini", **options) -> dict:
     return {"type": kind, **cls.config_class(**{**fields, **options}).__dict__}
 
 
+INITS = ("copy", "random")
+
+
 def neox_qkv_to_split(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """GPT-NeoX's fused QKV rows, interleaved per head ([q0 k0 v0 | q1 k1 v1 | ...]), reordered to the
     memory mixer's [q | k | v] (each head-major): the same projections, rows permuted."""
@@ -83,20 +86,26 @@ def neox_qkv_to_split(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def memory_from_attention(model, layers: list[int], kind: str = "infini", adapter: bool = False,
-                          alpha_init: float = 0.0, **options):
+                          alpha_init: float = 0.0, init: str = "copy", **options):
     """A copy of `model` whose `layers` (pythia or llama attention layers) become memory layers
     initialised from them: Q/K/V/O, MLP and norms copied (GQA kept; GPT-NeoX's interleaved QKV rows
     reordered), the memory's own parameters (gate beta, feature maps, ...) at their init. The Infini
     kinds use no positions (NoPE, as the seed's Infini layer); `window_memory` keeps RoPE (the last
-    `window` tokens through the layer's own softmax attention, older ones through the memory). With `adapter=True` each becomes a ParallelAdapter
-    of the original layer and the memory layer (`alpha_init`: the seed's 0 gives the original's
-    outputs exactly). `options` go to the memory layers' config (segment_length, ...)."""
+    `window` tokens through the layer's own softmax attention, older ones through the memory). With
+    `adapter=True` each becomes a ParallelAdapter of the original layer and the memory layer
+    (`alpha_init`: the seed's 0 gives the original's outputs exactly). `options` go to the memory
+    layers' config (segment_length, ...).
+
+    `init="random"` leaves the new layers (an adapter's new branch) at their own random init instead
+    of copying the attention layer's weights: the seed's starting point, for comparison."""
     from newllm.models.layers import ParallelAdapter  # noqa: F401 (registers "parallel_adapter")
 
     n = len(model.layers)
     bad = sorted(i for i in layers if not 0 <= i < n)
     if bad:
         raise NewLLMError(f"memory_from_attention: layer indices {bad} outside 0..{n - 1}")
+    if init not in INITS:
+        raise NewLLMError(f"memory_from_attention: init must be one of {INITS}, got {init!r}")
     config = copy.deepcopy(model.config)
     for i in layers:
         old = config.layers[i]
@@ -104,7 +113,8 @@ def memory_from_attention(model, layers: list[int], kind: str = "infini", adapte
         config.layers[i] = ({"type": "parallel_adapter", "original": old, "new": new, "alpha_init": alpha_init,
                              "hidden_size": old["hidden_size"]} if adapter else new)
     p = next(model.parameters())
-    out = build_model(config)  # the memory's own parameters have constant inits; the rest is copied below.to(device=p.device, dtype=p.dtype)
+    # the memory's own parameters have constant inits; the rest is copied below
+    out = build_model(config).to(device=p.device, dtype=p.dtype)
     sd = {}
     for name, t in model.state_dict().items():
         parts = name.split(".")
@@ -116,13 +126,15 @@ def memory_from_attention(model, layers: list[int], kind: str = "infini", adapte
                 moved = neox_qkv_to_split(t, src["num_attention_heads"])
             if adapter:
                 sd[f"layers.{i}.original.{rest}"] = t
-                sd[f"layers.{i}.new.{rest}"] = moved
-            else:
+                if init == "copy":
+                    sd[f"layers.{i}.new.{rest}"] = moved
+            elif init == "copy":
                 sd[f"layers.{i}.{rest}"] = moved
         else:
             sd[name] = t
     missing, unexpected = out.load_state_dict(sd, strict=False)
-    own = [m for m in missing if not _memory_own(m)]
+    replaced = tuple(f"layers.{i}." + ("new." if adapter else "") for i in layers)
+    own = [m for m in missing if not _memory_own(m) and not (init == "random" and m.startswith(replaced))]
     if own or unexpected:
         raise NewLLMError(f"memory_from_attention: weights do not map (missing {own}, unexpected {unexpected})")
     return out.train(model.training)

@@ -28,7 +28,7 @@ def capture_mixer_io(model, layers: list[int], windows: list[torch.Tensor], prog
         lambda _m, inp, out, i=i: got[i].append((inp[0].detach(), out[0].detach()))) for i in layers]
     try:
         with model.memory_aside(train=False):
-            for ids in tqdm(windows, desc="teacher activations", disable=not progress):
+            for ids in tqdm(windows, desc="teacher activations", disable=None if progress else True):
                 model(ids, logits_to_keep=1)
     finally:
         for h in handles:
@@ -64,7 +64,7 @@ def attention_transfer(layer, pairs, steps: int, lr: float = 1e-2, scale: float 
     losses = []
     mixer.train()
     try:
-        for step in tqdm(range(steps), desc="attention transfer", disable=not progress):
+        for step in tqdm(range(steps), desc="attention transfer", disable=None if progress else True):
             x, target = pairs[step % len(pairs)]
             y, _ = mixer(x)
             loss = scale * torch.nn.functional.mse_loss(y.float(), target.float())

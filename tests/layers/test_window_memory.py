@@ -83,3 +83,22 @@ def test_with_sinks_memory_off_is_the_original_with_window_and_sinks():
     with torch.no_grad():  # with the memory on, the sinks are not in it: the output differs from no sinks
         no_sinks = memory_from_attention(model, [0], kind="window_memory", window=6)
         assert (out(ids_()).logits[:, 8:] - no_sinks(ids_()).logits[:, 8:]).abs().max() > 1e-4
+
+
+def test_a_nonfinite_memory_write_is_skipped_warned_and_counted():
+    import pytest
+
+    from newllm.models.layers import WindowMemoryLayer
+
+    torch.manual_seed(0)
+    layer = WindowMemoryLayer(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                              window=4).eval()
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        _, clean = layer.mixer(x)
+        x[1, 2, 5] = float("nan")  # row 1's token 2 leaves the window inside this call: its write is NaN
+        with pytest.warns(UserWarning, match=r"non-finite memory update in batch rows \[1\] skipped"):
+            _, s = layer.mixer(x)
+    assert int(s.skipped) == 1 and int(clean.skipped) == 0
+    torch.testing.assert_close(s.kv[0], clean.kv[0], atol=0, rtol=0)  # row 0 wrote as before
+    assert torch.isfinite(s.kv).all() and torch.equal(s.kv[1], torch.zeros_like(s.kv[1]))  # row 1 kept its memory

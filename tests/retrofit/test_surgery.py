@@ -102,3 +102,24 @@ def test_adapter_refuses_a_stateless_or_mismatched_layer():
         ParallelAdapter(PythiaLayer(32, 4, 64), InfiniLayer(64, 4, 64))
     with pytest.raises(NewLLMError, match="can replace a pythia or llama layer"):
         memory_from_attention(memory_from_attention(tiny("llama"), [0]), [0])
+
+
+def test_the_new_model_keeps_the_originals_dtype():
+    model = tiny("llama").to(torch.bfloat16)
+    for adapter in (False, True):
+        out = memory_from_attention(model, [1], kind="window_memory", adapter=adapter, window=4)
+        assert {p.dtype for p in out.parameters()} == {torch.bfloat16}
+        assert torch.equal(out.layers[0].mlp.down_proj.weight, model.layers[0].mlp.down_proj.weight)
+
+
+def test_random_init_leaves_the_new_layer_at_its_own_init():
+    model = tiny("llama")
+    torch.manual_seed(5)
+    out = memory_from_attention(model, [1], kind="infini", init="random", segment_length=8)
+    torch.manual_seed(5)
+    again = memory_from_attention(model, [1], kind="infini", init="random", segment_length=8)
+    q_old, q_new = model.layers[1].self_attn.q_proj.weight, out.layers[1].self_attn.q_proj.weight
+    assert not torch.allclose(q_old, q_new) and torch.equal(q_new, again.layers[1].self_attn.q_proj.weight)
+    assert torch.equal(out.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)  # untouched
+    with pytest.raises(NewLLMError, match="init must be one of"):
+        memory_from_attention(model, [1], init="zeros")

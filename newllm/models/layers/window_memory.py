@@ -22,6 +22,10 @@ With `attention_sinks` s the first s tokens stay in the softmax part (StreamingL
 SmolLM2's layer 15 four sinks alone recover as much as the memory (docs/retrofit.md), so the two
 are combined rather than compared.
 
+Numerics: the memory is fp32 and its features are softmax-normalised (Hedgehog) or elu + 1, so
+it is bounded by the values it sums; a write whose update holds a NaN/Inf is skipped for that batch
+row, with a warning, and counted in the state (`skipped`), as in the Infini memory.
+
 State (`WindowMemoryState`): the window's rotated keys and values (B, hkv, <= s + W-1, Dh; the sinks
 first), the memory
 `kv` = sum phi(k_j)^T v_j (B, h, 2F or Dh, Dh) and `k_sum` = sum phi(k_j) (B, h, 2F or Dh) over the
@@ -30,6 +34,7 @@ it leaves the window, so one call equals any split.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -40,6 +45,7 @@ from newllm.errors import NewLLMError
 from newllm.models.layers.attention import cache_positions
 from newllm.models.layers.base import StateField, check_positive, register_layer, resolve_config
 from newllm.models.layers.blocks import Block, TokenMixer
+from newllm.models.ops.memory import guard_update
 from newllm.models.ops.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 FEATURE_MAPS = ("hedgehog", "elu")
@@ -61,6 +67,7 @@ class WindowMemoryLayerConfig:
     window_factor_init: float = -2.197  # w = sigmoid(init) = 0.1 (LoLCATs)
     affine_factors: bool = False  # l = 1 - w instead of 1
     memory_eps: float = 1e-12  # guard of the shared normaliser
+    check_finite: bool = True  # skip (warn, count in the state's `skipped`) a memory write holding NaN/Inf
     initializer_range: float = 0.02
 
     def __post_init__(self):
@@ -89,6 +96,7 @@ class WindowMemoryState(NamedTuple):
     kv: torch.Tensor  # (B, h, F, Dh) fp32: sum phi(k)^T v of the tokens that left the window
     k_sum: torch.Tensor  # (B, h, F) fp32: sum phi(k)
     pos: torch.Tensor  # () int64: position of the next token
+    skipped: torch.Tensor  # () int64: memory writes skipped for NaN/Inf (one per batch row and call)
 
 
 class HedgehogFeatureMap(nn.Module):
@@ -138,7 +146,8 @@ class WindowMemoryMixer(TokenMixer):
         kv = StateField((self.kv_heads, None, self.head_dim))
         h, F = self.heads, self.feature_dim
         return {"k": kv, "v": kv, "kv": StateField((h, F, self.head_dim), torch.float32),
-                "k_sum": StateField((h, F), torch.float32), "pos": StateField((), torch.long, batched=False)}
+                "k_sum": StateField((h, F), torch.float32), "pos": StateField((), torch.long, batched=False),
+                "skipped": StateField((), torch.long, batched=False)}
 
     def tokens_absorbed(self, state) -> int:
         return int(state.pos)
@@ -164,7 +173,7 @@ class WindowMemoryMixer(TokenMixer):
         cos, sin = rope_cos_sin(self.inv_freq, torch.arange(start, start + T, device=x.device), q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = torch.cat((state.k.to(k.dtype), k), dim=2), torch.cat((state.v.to(v.dtype), v), dim=2)
-        L, S0 = k_all.shape[2], c.attention_sinks
+        S0 = c.attention_sinks
         rep = lambda t: t.repeat_interleave(h // hkv, dim=1) if hkv != h else t  # noqa: E731  GQA groups
         kh, vh = rep(k_all).float(), rep(v_all).float()
         pos_q = torch.arange(start, start + T, device=x.device)[:, None]
@@ -189,13 +198,20 @@ class WindowMemoryMixer(TokenMixer):
         # the sinks never leave
         end = start + T
         leaving = ((pos_k[0] < end - (W - 1)) & (pos_k[0] >= S0)).nonzero().flatten()
-        kv, k_sum = state.kv, state.k_sum
+        kv, k_sum, skipped = state.kv, state.k_sum, state.skipped
         if self.memory_enabled and leaving.numel():
             fl, vl = fk.index_select(2, leaving), vh.index_select(2, leaving)
-            kv, k_sum = kv + fl.transpose(-1, -2) @ vl, k_sum + fl.sum(2)
+            dkv, dk = fl.transpose(-1, -2) @ vl, fl.sum(2)
+            if c.check_finite:  # a batch row whose update holds a NaN/Inf keeps its old memory (seed 000)
+                dkv, dk, bad = guard_update(dkv, dk, None, True)
+                if bad.any():
+                    skipped = skipped + int(bad.sum())
+                    warnings.warn(f"WindowMemoryLayer: non-finite memory update in batch rows "
+                                  f"{bad.nonzero().flatten().tolist()} skipped")
+            kv, k_sum = kv + dkv, k_sum + dk
         keep = ((pos_k[0] < S0) | (pos_k[0] >= end - (W - 1))).nonzero().flatten()
         new_state = WindowMemoryState(k_all.index_select(2, keep), v_all.index_select(2, keep), kv, k_sum,
-                                      torch.tensor(end, dtype=torch.long))
+                                      torch.tensor(end, dtype=torch.long), skipped)
         return self.output(y.transpose(1, 2).reshape(B, T, h * Dh)), new_state
 
 
