@@ -123,3 +123,18 @@ def test_random_init_leaves_the_new_layer_at_its_own_init():
     assert torch.equal(out.layers[0].self_attn.q_proj.weight, model.layers[0].self_attn.q_proj.weight)  # untouched
     with pytest.raises(NewLLMError, match="init must be one of"):
         memory_from_attention(model, [1], init="zeros")
+
+
+def test_an_adapter_declares_its_new_branchs_memory():
+    """A compact memory state keeps the adapter's entry, and the memory-off ablation reaches it."""
+    model = tiny("llama")
+    out = memory_from_attention(model, [1], kind="infini", adapter=True, alpha_init=0.5, segment_length=4)
+    assert out.layers[1].has_compressive_memory and not out.layers[0].has_compressive_memory
+    with torch.no_grad():
+        out(ids_(12), update_memory=True)
+        compact = out.get_memory_state(compact=True)
+        on = out(ids_(12)).logits
+        out.layers[1].memory_enabled = False
+        off = out(ids_(12)).logits
+    assert [e.tensors is not None for e in compact.entries] == [False, True, False]
+    assert (on - off).abs().max() > 1e-4

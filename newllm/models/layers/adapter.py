@@ -100,6 +100,10 @@ class ParallelAdapter(BaseLayer):
         return self.original.tokens_absorbed(self.split(state)[0])
 
     @property
+    def has_compressive_memory(self) -> bool:  # the new branch's memory lives in this layer's state
+        return self.new.has_compressive_memory
+
+    @property
     def memory_enabled(self) -> bool:
         return self.new.memory_enabled
 
