@@ -23,6 +23,14 @@ Length and depth: the filler is repeated in whole units (5 sentences each), as m
 has at most `length` tokens and at least `length - unit + 1` (unit = the filler unit's token count,
 19 for GPT-NeoX). The needle goes after ``round(depth * n_sentences)`` filler sentences: depth 0 is
 right after the intro, depth 1 right before the question, always at a sentence boundary.
+
+Distance (`make_passkey_at_distance`, for memory tests): the needle ends exactly `distance` tokens
+before the prompt's last token (the one that predicts the answer's first token), so every token of
+the needle is at least `distance` positions back from every answer position; place it beyond a
+model's receptive field (`TransformerLM.receptive_field`) and only a memory can bring the key back.
+The filler is then cut at a token, not a sentence (the text stays the same filler, one sentence
+cut short): `lead` filler tokens between the intro and the needle, `distance - len(question)`
+after it.
 """
 from __future__ import annotations
 
@@ -45,13 +53,16 @@ class PasskeySample:
 
     ids: the prompt's token ids (ends with "The pass key is"); passkey: the digits to retrieve;
     length: the requested length (``len(ids) <= length``); depth: the requested depth (0..1);
-    key_position: index in `ids` of the needle's first token (" The" of " The pass key is N.").
+    key_position: index in `ids` of the needle's first token (" The" of " The pass key is N.");
+    distance: for `make_passkey_at_distance`, tokens from the needle's last token to the prompt's last
+    token (None for the length x depth prompts).
     """
     ids: list[int]
     passkey: str
     length: int
     depth: float
     key_position: int
+    distance: int | None = None
 
 
 def _rng(rng) -> random.Random:
@@ -84,6 +95,31 @@ def make_passkey_sample(tokenizer, length: int, depth: float, rng: random.Random
     ids = intro + before + needle + after + question
     return PasskeySample(ids=ids, passkey=key, length=length, depth=float(depth),
                          key_position=len(intro) + len(before))
+
+
+def filler_tokens(tokenizer, n: int) -> list[int]:
+    """The first `n` tokens of the filler sentences repeated (whole sentences tokenized one by one)."""
+    unit = [t for s in FILLER_SENTENCES for t in tokenizer.encode(s)]
+    return (unit * (n // len(unit) + 1))[:n]
+
+
+def make_passkey_at_distance(tokenizer, distance: int, rng: random.Random | int | str, digits: int = 5,
+                             lead: int = 0) -> PasskeySample:
+    """INTRO, `lead` filler tokens, the NEEDLE, filler, QUESTION, with the needle's last token exactly
+    `distance` tokens before the prompt's last token (module doc). rng: as `make_passkey_sample`."""
+    if digits < 1:
+        raise NewLLMError(f"passkey: digits must be >= 1, got {digits}")
+    if lead < 0:
+        raise NewLLMError(f"passkey: lead must be >= 0, got {lead}")
+    key = str(_rng(rng).randint(10 ** (digits - 1), 10 ** digits - 1))
+    intro, question = tokenizer.encode(INTRO), tokenizer.encode(QUESTION)
+    needle = tokenizer.encode(NEEDLE.format(key=key))
+    if distance < len(question):
+        raise NewLLMError(f"passkey: distance {distance} is shorter than the question ({len(question)} tokens)")
+    after = filler_tokens(tokenizer, distance - len(question))
+    ids = intro + filler_tokens(tokenizer, lead) + needle + after + question
+    return PasskeySample(ids=ids, passkey=key, length=len(ids), depth=lead / max(lead + len(after), 1),
+                         key_position=len(intro) + lead, distance=distance)
 
 
 def make_passkey_grid(tokenizer, lengths: list[int], depths: list[float], n_per_cell: int, seed: int,

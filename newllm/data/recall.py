@@ -68,6 +68,22 @@ def recall_vocab(tokenizer=None, n_keys: int = 16, n_values: int = 16) -> Recall
     return RecallVocab(keys, values, filler)
 
 
+def recall_distance(n_pairs: int, segment_length: int, n_segments_gap: int) -> int:
+    """The fewest positions between a query and the pair it asks for in `make_recall_batch`'s layout:
+    the first query's key (which predicts its value) after the last pair's value,
+    S * (gap + 1) - 4n + 1. Every pair token is at least this far back from every answer position."""
+    return segment_length * (n_segments_gap + 1) - 4 * n_pairs + 1
+
+
+def recall_gap(distance: int, n_pairs: int, segment_length: int) -> int:
+    """The smallest `n_segments_gap` (>= 1) whose `recall_distance` is at least `distance`: pairs beyond
+    a receptive field of `distance - 1` tokens."""
+    gap = max(1, -(-(distance + 4 * n_pairs - 1) // segment_length) - 1)
+    while recall_distance(n_pairs, segment_length, gap) < distance:
+        gap += 1
+    return gap
+
+
 def make_recall_batch(n_pairs: int, segment_length: int, batch: int, generator: torch.Generator,
                       n_segments_gap: int = 1, n_keys: int = 16, n_values: int = 16, tokenizer=None,
                       vocab: RecallVocab | None = None) -> tuple[torch.Tensor, torch.Tensor]:

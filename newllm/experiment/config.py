@@ -12,6 +12,7 @@ for a GPU; "quick": the README's ~10-minute CPU run); a YAML file in `configs/` 
     epochs: 1                                   # passes over those windows: same token budget for every model
     train: {seq_len: 512, batch_size: 8, lr: 6e-4, ...}   # newllm.train.config.TrainConfig fields
     eval: {...}  reversal: {...}  passkey: {...}  recall: {...}
+    isolating: {enabled: true, window: 64, ...}  # the memory as the only route past the window (IsolatingConfig)
 
 `apply_overrides` (dotted `--set` keys) and unknown-key errors work as for `newllm train` recipes.
 """
@@ -93,6 +94,115 @@ class RecallConfig:
     seed: int = 0
 
 
+def _check_factors(where: str, values: list[float]) -> None:
+    if not values or any(not v > 1.0 for v in values) or len(set(values)) != len(values):
+        raise NewLLMError(f"{where} must be distinct multiples of the receptive field, each > 1 (beyond it), "
+                          f"got {values}")
+
+
+@dataclass
+class IsolatingPasskeyConfig:
+    """Passkey with the needle a distance before the answer, in multiples of the receptive field."""
+    enabled: bool = True
+    train_distances: list[float] = field(default_factory=lambda: [1.25, 2.0])  # one fine-tuned copy per entry
+    test_distances: list[float] = field(default_factory=lambda: [1.25, 2.0, 4.0])
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 8
+    n_per_distance: int = 10
+    digits: int = 5
+    lead: int = 0  # filler tokens between the intro and the needle
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_factors("isolating.passkey.train_distances", self.train_distances)
+        _check_factors("isolating.passkey.test_distances", self.test_distances)
+        for k in ("steps", "batch_size", "n_per_distance", "digits"):
+            if not getattr(self, k) >= 1:
+                raise NewLLMError(f"isolating.passkey.{k} must be >= 1, got {getattr(self, k)}")
+        if not self.lr > 0 or self.lead < 0:
+            raise NewLLMError(f"isolating.passkey: lr must be > 0 and lead >= 0, got {self.lr}, {self.lead}")
+
+
+@dataclass
+class IsolatingRecallConfig:
+    """Associative recall with the pairs beyond the receptive field: trained at the first distance,
+    scored at each (multiples of the receptive field)."""
+    enabled: bool = True
+    distances: list[float] = field(default_factory=lambda: [1.25, 2.0])
+    steps: int = 200
+    lr: float = 1e-3
+    batch_size: int = 16
+    n_pairs: int = 8
+    n_keys: int = 16
+    n_values: int = 16  # chance = 1 / n_values
+    eval_batches: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_factors("isolating.recall.distances", self.distances)
+        for k in ("steps", "batch_size", "n_pairs", "n_keys", "n_values", "eval_batches"):
+            if not getattr(self, k) >= 1:
+                raise NewLLMError(f"isolating.recall.{k} must be >= 1, got {getattr(self, k)}")
+        if not self.lr > 0:
+            raise NewLLMError(f"isolating.recall.lr must be > 0, got {self.lr}")
+
+
+@dataclass
+class IsolatingPositionConfig:
+    """Loss by position on long real documents past the receptive field, memory on and off."""
+    enabled: bool = True
+    corpus: str = "gutenberg"  # one document per book
+    split: str = "test"
+    length: int = 2048  # the first `length` tokens of every document at least that long
+    docs: int = 32
+    confidence: float = 0.95  # bootstrap interval over documents
+    resamples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        for k in ("length", "docs", "resamples"):
+            if not getattr(self, k) >= 1:
+                raise NewLLMError(f"isolating.position.{k} must be >= 1, got {getattr(self, k)}")
+        if not 0.0 < self.confidence < 1.0:
+            raise NewLLMError(f"isolating.position.confidence must be in (0, 1), got {self.confidence}")
+
+
+@dataclass
+class IsolatingConfig:
+    """The setting in which a memory is the only route past the attention window (docs/experiment.md):
+    every softmax layer gets a window of `window` keys, the memory presets are memory everywhere or
+    sit under windowed layers, and the tasks place their information past the receptive field."""
+    enabled: bool = False
+    models: list[str] = field(default_factory=lambda: ["pythia", "infini_all", "multi_memory_all"])  # windowed
+    full_attention: list[str] = field(default_factory=lambda: ["pythia"])  # also trained without the window
+    window: int = 256  # sliding_window of every softmax layer (keys each query sees, itself included)
+    segment_length: int | None = None  # memory segments; None: memory_overrides.segment_length
+    segments_per_window: int = 4  # k: training windows are k x segment_length tokens, gradients through k segments
+    carry_windows: int = 4  # truncated BPTT: windows of one stretch of text read with the state carried (1: off)
+    samples: int | None = None  # training windows; None: the main comparison's token budget
+    passkey: IsolatingPasskeyConfig = field(default_factory=IsolatingPasskeyConfig)
+    recall: IsolatingRecallConfig = field(default_factory=IsolatingRecallConfig)
+    position: IsolatingPositionConfig = field(default_factory=IsolatingPositionConfig)
+
+    def __post_init__(self):
+        from newllm.models.presets import PRESETS
+
+        for key in ("models", "full_attention"):
+            names = getattr(self, key)
+            unknown = [m for m in names if m not in PRESETS]
+            if unknown or len(set(names)) != len(names):
+                raise NewLLMError(f"isolating.{key}: unknown or repeated preset(s) in {names}; presets: {sorted(PRESETS)}")
+        if self.enabled and not self.models:
+            raise NewLLMError("isolating.models is empty; name at least one preset to train with the window")
+        for k in ("window", "segments_per_window", "carry_windows"):
+            if not getattr(self, k) >= 1:
+                raise NewLLMError(f"isolating.{k} must be >= 1, got {getattr(self, k)}")
+        for k in ("segment_length", "samples"):
+            if getattr(self, k) is not None and not getattr(self, k) >= 1:
+                raise NewLLMError(f"isolating.{k} must be >= 1 or null, got {getattr(self, k)}")
+
+
 @dataclass
 class ExperimentConfig:
     models: list[str] = field(default_factory=lambda: ["pythia", "infini", "multi_memory", "hierarchical"])
@@ -115,6 +225,7 @@ class ExperimentConfig:
     reversal: ReversalConfig = field(default_factory=ReversalConfig)
     passkey: PasskeyConfig = field(default_factory=PasskeyConfig)
     recall: RecallConfig = field(default_factory=RecallConfig)
+    isolating: IsolatingConfig = field(default_factory=IsolatingConfig)
     run_dir: str = "runs/experiment"
     seed: int = 0
     device: str = "auto"
@@ -124,8 +235,8 @@ class ExperimentConfig:
     def __post_init__(self):
         from newllm.models.presets import PRESETS
 
-        if not self.models:
-            raise NewLLMError("experiment: models is empty; name at least one preset")
+        if not self.models and not self.isolating.enabled:
+            raise NewLLMError("experiment: models is empty; name at least one preset (or enable isolating)")
         unknown = [m for m in self.models if m not in PRESETS]
         if unknown:
             raise NewLLMError(f"experiment: unknown model(s) {unknown}; presets: {sorted(PRESETS)}")
@@ -154,25 +265,56 @@ class ExperimentConfig:
                      "max_minutes": "samples x epochs"}.get(clash[0], "the experiment's own field")
             raise NewLLMError(f"experiment: train.{clash[0]} is set by the experiment itself (from {where}); "
                               f"remove it")
+        if self.isolating.enabled and self.isolating.segment_length is None \
+                and not self.memory_overrides.get("segment_length"):
+            raise NewLLMError("experiment: isolating needs a memory segment length: set isolating.segment_length "
+                              "or memory_overrides.segment_length")
         self.train_config("pythia", 1)  # validates the train section now, not after the first model
+        if self.isolating.enabled:
+            for name in self.isolating.models:
+                self.isolating_train_config(name, 1, full_attention=False)
 
-    def train_config(self, model: str, n_windows: int, run_dir: str | None = None) -> TrainConfig:
-        """The TrainConfig of one model: the shared `train` fields, a step budget of epochs x windows."""
+    def train_config(self, model: str, n_windows: int, run_dir: str | None = None, seq_len: int | None = None,
+                     carry_windows: int | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """The TrainConfig of one model: the shared `train` fields, a step budget of epochs x windows
+        (`seq_len`, `carry_windows` and extra model `overrides`: the isolating setting's)."""
         batch = int(self.train.get("batch_size", TrainConfig.batch_size)) * int(self.train.get("grad_accum", 1))
         steps = max(1, math.ceil(self.epochs * n_windows / batch))
         train = dict(self.train)
+        if seq_len is not None:
+            train["seq_len"] = seq_len
+        if carry_windows is not None:
+            train["carry_windows"] = carry_windows
         if self.gate_lr is not None and has_memory_layer(model):
             groups = dict(train.get("param_groups") or {})
             groups["gates"] = {**groups.get("gates", {}), "lr": self.gate_lr}
             train["param_groups"] = groups
         if is_recurrent(model):
             train["mode"] = self.recurrent_mode
-        d = {**train, "model": {"preset": model, "overrides": self.overrides_for(model)},
+        d = {**train, "model": {"preset": model, "overrides": {**self.overrides_for(model), **(overrides or {})}},
              "data": dataclasses.asdict(self.data), "run_dir": run_dir or self.run_dir, "max_steps": steps,
              "seed": self.seed, "device": self.device, "num_threads": self.num_threads, "progress": self.progress,
              "eval": {"every": 0, "context": self.eval.context, "stride": self.eval.stride,
                       "batch_size": self.eval.batch_size, "final_splits": []}}
         return TrainConfig.from_dict(d, where="experiment train section")
+
+    @property
+    def isolating_segment_length(self) -> int:
+        return int(self.isolating.segment_length or self.memory_overrides["segment_length"])
+
+    def isolating_train_config(self, model: str, n_windows: int, run_dir: str | None = None,
+                               full_attention: bool = False) -> TrainConfig:
+        """An isolating model's TrainConfig: windows of k x segment_length tokens, carried across
+        `carry_windows`, the window on every softmax layer (unless `full_attention`), the segment length
+        on every memory layer."""
+        iso, S = self.isolating, self.isolating_segment_length
+        extra: dict[str, Any] = {}
+        if has_memory_layer(model):
+            extra["segment_length"] = S
+        if not full_attention and has_windowed_layer(model):
+            extra["sliding_window"] = iso.window
+        return self.train_config(model, n_windows, run_dir, seq_len=iso.segments_per_window * S,
+                                 carry_windows=iso.carry_windows, overrides=extra)
 
     def overrides_for(self, model: str) -> dict[str, Any]:
         """model_overrides, plus memory_overrides when the preset has a compressive-memory layer."""
@@ -199,6 +341,18 @@ def has_memory_layer(preset: str) -> bool:
 
     p = PRESETS[preset]
     return any(LAYER_REGISTRY[t].has_compressive_memory for t in [*p["first"], p["rest"]])
+
+
+def has_windowed_layer(preset: str) -> bool:
+    """A preset with a layer type that takes a `sliding_window` (softmax attention)."""
+    import dataclasses as dc
+
+    from newllm.models.layers import LAYER_REGISTRY
+    from newllm.models.presets import PRESETS
+
+    p = PRESETS[preset]
+    return any("sliding_window" in {f.name for f in dc.fields(LAYER_REGISTRY[t].config_class)}
+               for t in [*p["first"], p["rest"]])
 
 
 def is_recurrent(preset: str) -> bool:
@@ -244,6 +398,16 @@ PROFILE_RECIPES: dict[str, dict[str, Any]] = {
         "passkey": {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "n_per_cell": 2, "finetune_steps": 20,
                     "finetune_lengths": [256], "finetune_lr": 1.0e-3},
         "recall": {"steps": 60, "batch_size": 16, "n_pairs": 8},
+        # the isolating setting at the same size: every softmax layer windowed to 64 keys (receptive field
+        # 2 x 63 = 126, as the memory-everywhere stacks' 2 x (64 - 1)), tasks 1.5x-6x that far back
+        "isolating": {"enabled": True, "models": ["pythia", "infini_all", "multi_memory_all"],
+                      "full_attention": ["pythia"], "window": 64, "segments_per_window": 4, "carry_windows": 2,
+                      "samples": 512,
+                      "passkey": {"train_distances": [1.5], "test_distances": [1.5, 3.0, 6.0], "steps": 30,
+                                  "batch_size": 8, "n_per_distance": 8, "lr": 1.0e-3},
+                      "recall": {"distances": [1.5, 3.0], "steps": 30, "batch_size": 16, "n_pairs": 8,
+                                 "eval_batches": 2},
+                      "position": {"corpus": "gutenberg", "split": "test", "length": 1024, "docs": 8}},
         "run_dir": "runs/experiment_quick",
     },
 }

@@ -25,16 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from newllm.eval.ablation import memory_switched_off
+
 HIST_BINS = 20  # histogram bins of per-token gate values over [0, 1]
-
-
-def long_documents(tokens: np.ndarray, sep: int, length: int, limit: int) -> list[np.ndarray]:
-    """The first `length` tokens of up to `limit` documents (separator-delimited) at least that long."""
-    arr = np.asarray(tokens)
-    cuts = np.flatnonzero(arr == sep)
-    starts, ends = np.concatenate(([0], cuts + 1)), np.concatenate((cuts, [len(arr)]))
-    out = [arr[a:a + length] for a, b in zip(starts, ends) if b - a >= length]
-    return out[:limit]
 
 
 @contextlib.contextmanager
@@ -78,25 +71,6 @@ def gate_summary(model, token_gates: dict[int, dict[str, list[torch.Tensor]]]) -
                 entry["token_gates"][name] = token_gate_stats(vals)
         out[f"L{i}"] = entry
     return out
-
-
-@contextlib.contextmanager
-def memory_switched_off(model):
-    """Every compressive-memory layer switched off (`memory_enabled = False`: no read, no write)
-    inside the block; yields how many layers that is.
-
-    The ablation that shows what the memory contributes: the same weights, the memory read-out set
-    to zero. That is what every layer reads during its first segment anyway (an empty memory reads
-    as 0), so the ablated model stays on ground it was trained on."""
-    layers = [layer for layer in model.layers if layer.memory_enabled]  # the layers with a memory switched on
-    before = [layer.memory_enabled for layer in layers]
-    try:
-        for layer in layers:
-            layer.memory_enabled = False
-        yield len(layers)
-    finally:
-        for layer, b in zip(layers, before):
-            layer.memory_enabled = b
 
 
 @torch.no_grad()

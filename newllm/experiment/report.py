@@ -63,7 +63,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
     cfg, data, machine, models = summary["config"], summary["data"], summary["machine"], summary["models"]
-    out = [f"# Experiment: {', '.join(cfg['models'])}", ""]
+    iso_models = list((summary.get("isolating") or {}).get("models") or cfg.get("isolating", {}).get("models", []))
+    title = ", ".join(cfg["models"]) + (f" (isolating: {', '.join(iso_models)})" if iso_models else "")
+    out = [f"# Experiment: {title}", ""]
     if summary["profile"] == "quick":
         out += [QUICK_NOTE, ""]
     dev = machine.get("gpu") or machine.get("cpu")
@@ -80,6 +82,7 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
     if len(models) < len(cfg["models"]):
         out += [f"*Partial: {len(models)} of {len(cfg['models'])} models finished.*", ""]
 
+    main = len(out)  # the main comparison's sections start here (dropped when it has no models)
     out += ["## Language modelling", ""]
     rows = []
     for name, r in models.items():
@@ -149,13 +152,65 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
                 f"fine-tune steps {pk['finetune_steps']}. Recall: {cfg['recall']['n_pairs']} pairs in an earlier "
                 f"segment than the queries, {cfg['recall']['steps']} training steps on the task; chance is "
                 f"{_fmt(next((_get(r, 'recall', 'chance') for r in models.values()), None), 3)}.", ""]
+    if not cfg["models"]:
+        del out[main:]
+    if summary.get("isolating"):
+        out += isolating_markdown(summary["isolating"])
     titles = {"loss_curves.png": "Training loss", "loss_by_position.png": "Loss by token position",
-              "passkey_heatmap.png": "Passkey accuracy", "gates.png": "Memory gates"}
+              "passkey_heatmap.png": "Passkey accuracy", "gates.png": "Memory gates",
+              "isolating_passkey.png": "Passkey past the receptive field: training distance x test distance"}
     for png in figures:
         out += [f"![{titles.get(png, png)}]({png})", ""]
     out += ["Everything above is measured in this run; `results.json` holds every number (per-position losses, "
             "per-example reversal results, per-prompt passkey answers).", ""]
     return "\n".join(out)
+
+
+def _on_off(on, off, digits: int = 3) -> str:
+    return _fmt(on, digits) if off is None else f"{_fmt(on, digits)} / {_fmt(off, digits)}"
+
+
+def _ci(entry) -> str:
+    if not entry:
+        return "-"
+    lo, hi = entry["ci"]
+    return f"{entry['mean']:.4f}" + ("" if lo is None else f" [{lo:.4f}, {hi:.4f}]")
+
+
+def isolating_markdown(iso: dict[str, Any]) -> list[str]:
+    """The isolating setting's section: one row per model, what the memory carried past the receptive field."""
+    R, W = iso["receptive_field"], iso["window"]
+    out = ["## Isolating: the memory as the only route past the attention window", "",
+           f"Every softmax layer sees a window of {W} keys; memory segments of {iso['segment_length']} tokens; "
+           f"training windows of {iso['seq_len']} tokens ({iso['segments_per_window']} segments, gradients through "
+           f"all of them), the state carried across {iso['carry_windows']} consecutive windows (truncated BPTT); "
+           f"{iso['train_tokens']:,} training tokens per model. The tasks place their information more than "
+           f"R = {R} tokens back (the largest receptive field of the windowed models: L x (W - 1) for windowed "
+           "layers, S - 1 for a memory layer's local attention), where only a memory reaches. Each cell: with the "
+           "memory / with it switched off (same weights).", ""]
+    rows = []
+    for key, r in iso["models"].items():
+        pk, rc, pos = r.get("iso_passkey") or {}, r.get("iso_recall") or {}, r.get("iso_position") or {}
+        pk_on = _mean(pk["accuracy"][0]) if pk.get("accuracy") else None
+        pk_off = _mean(pk["accuracy_memory_off"][0]) if pk.get("accuracy_memory_off") and pk["accuracy_memory_off"][0] else None
+        rc_on = rc["accuracy"][0] if rc.get("accuracy") else None
+        rc_off = rc["accuracy_memory_off"][0] if rc.get("accuracy_memory_off") else None
+        rows.append([f"`{key}`", _fmt(r.get("receptive_field")) if r.get("receptive_field") is not None else "unbounded",
+                     _on_off(pk_on, pk_off), _on_off(rc_on, rc_off), _ci(pos.get("on")), _ci(pos.get("off")),
+                     _ci(pos.get("gain"))])
+    some = next(iter(iso["models"].values()), {})
+    pk, rc, pos = some.get("iso_passkey") or {}, some.get("iso_recall") or {}, some.get("iso_position") or {}
+    pk_head = (f"passkey at {pk['test_distances']} tokens (trained at {pk['train_distances'][0]})" if pk else "passkey")
+    rc_head = (f"recall, pairs >= {rc['distances'][0]} back (chance {_fmt(rc['chance'], 3)})" if rc else "recall")
+    start = pos.get("start")
+    pos_head = f"loss past position {start}" if start is not None else "loss past R"
+    out += [_table(["model", "receptive field", pk_head, rc_head, f"{pos_head}, memory on",
+                    f"{pos_head}, memory off", "memory's gain (off - on), nats"], rows), ""]
+    if pos:
+        out += [f"Loss: the first {pos['length']:,} tokens of {pos['n_docs']} long documents, read from an empty state "
+                f"in pieces of {pos['chunk']} tokens; mean over documents of each document's mean loss at positions "
+                f">= {start}, with a {pos['confidence']:.0%} bootstrap interval over documents.", ""]
+    return out
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -274,6 +329,32 @@ def plot_gates(models: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_isolating_passkey(iso: dict[str, Any] | None, path: Path) -> bool:
+    """Heat map per model: passkey accuracy by training distance (rows) x test distance (columns)."""
+    have = {k: r["iso_passkey"] for k, r in ((iso or {}).get("models") or {}).items() if r.get("iso_passkey")}
+    if not have:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(have), figsize=(3.2 * len(have) + 1.2, 0.5 * len(next(iter(have.values()))
+                                                                                    ["train_distances"]) + 2.4),
+                             squeeze=False)
+    for ax, (key, p) in zip(axes[0], have.items()):
+        acc = p["accuracy"]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(p["test_distances"])), [str(d) for d in p["test_distances"]])
+        ax.set_yticks(range(len(p["train_distances"])), [str(d) for d in p["train_distances"]])
+        for i, row in enumerate(acc):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        ax.set_xlabel("test distance (tokens)")
+        ax.set_ylabel("training distance (tokens)")
+        ax.set_title(key, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png"))
+    plt.close(fig)
+    return True
+
+
 def write_report(summary: dict[str, Any], root) -> None:
     root = Path(root)
     write_json(root / "results.json", summary)
@@ -282,5 +363,6 @@ def write_report(summary: dict[str, Any], root) -> None:
              "loss_by_position.png": plot_loss_by_position(models, root / "loss_by_position.png",
                                                            summary["data"]["seq_len"]),
              "passkey_heatmap.png": plot_passkey(models, root / "passkey_heatmap.png"),
-             "gates.png": plot_gates(models, root / "gates.png")}
+             "gates.png": plot_gates(models, root / "gates.png"),
+             "isolating_passkey.png": plot_isolating_passkey(summary.get("isolating"), root / "isolating_passkey.png")}
     write_text(root / "report.md", report_markdown(summary, [k for k, ok in drawn.items() if ok]))

@@ -74,11 +74,11 @@ class Experiment:
         _say(f"tokenizer and data ({cfg.data.corpus})")
         # the experiment's own folder (run_experiment refused one holding another experiment): its
         # tokenizer.json, once written, is the one every model of the experiment trains with
-        self.tok = prepare_tokenizer(cfg.train_config(cfg.models[0], 1), self.root, self.data_dir,
-                                     resume_from=self.root)
+        self.tok = prepare_tokenizer(cfg.train_config((cfg.models or cfg.isolating.models)[0], 1), self.root,
+                                     self.data_dir, resume_from=self.root)
         self.sep = separator_id(self.tok)
         self._load = dict(tokenizer=self.tok, data_dir=self.data_dir, cache_dir=cfg.data.cache_dir)
-        corpus = load_tokens(cfg.data.corpus, cfg.data.train_split, **self._load)
+        self.corpus = corpus = load_tokens(cfg.data.corpus, cfg.data.train_split, **self._load)
         self.facts = self._facts()
         extra = [] if self.facts is None else [self.tok.encode(t) for t in self._fact_documents()]
         seq = cfg.seq_len
@@ -118,19 +118,27 @@ class Experiment:
 
     # ------------------------------------------------------------------ one model
     def run_model(self, name: str) -> dict[str, Any]:
-        from newllm.checkpoints.native import save_model
-        from newllm.train.checkpoint import find_checkpoint
-        from newllm.train.loop import Trainer, build_model, seed_all
-
         cfg, mdir = self.cfg, self.root / "models" / name
         tcfg = cfg.train_config(name, self.n_windows, run_dir=str(mdir))
-        seed_all(cfg.seed)
+        model, trainer, res = self.train_model(name, name, tcfg, mdir, self.stream.tokens)
+        res["overrides"] = cfg.overrides_for(name)
+        return self.run_stages(name, res, mdir, self.stages(model, trainer))
+
+    def train_model(self, key: str, preset: str, tcfg, mdir: Path, tokens):
+        """Train (or resume, or find finished) one model in its Trainer run folder `mdir`; returns the
+        model, its trainer and the training part of its results."""
+        from newllm.checkpoints.native import save_model
+        from newllm.train.checkpoint import find_checkpoint
+        from newllm.train.loop import build_model, seed_all
+        from newllm.train.tbptt import trainer_class
+
+        seed_all(self.cfg.seed)
         model = build_model(tcfg, self.tok)
-        trainer = Trainer(tcfg, model, self.stream.tokens, None, run_dir=mdir)
+        trainer = trainer_class(tcfg)(tcfg, model, tokens, None, run_dir=mdir)
         if (mdir / "checkpoints" / "latest").exists():
             trainer.load(find_checkpoint(mdir))
-            _say(f"{name}: resuming at step {trainer.step} of {tcfg.max_steps}")
-        _say(f"{name}: {model.num_parameters():,} parameters, {tcfg.max_steps:,} steps of "
+            _say(f"{key}: resuming at step {trainer.step} of {tcfg.max_steps}")
+        _say(f"{key}: {model.num_parameters():,} parameters, {tcfg.max_steps:,} steps of "
              f"{tcfg.tokens_per_step:,} tokens")
         trainer.run(tensorboard=False)
         trainer.metrics.close()
@@ -138,19 +146,24 @@ class Experiment:
             save_model(model, mdir / "final", metadata={"step": trainer.step, "tokens": trainer.tokens})
             atomic_write(mdir / "final" / "tokenizer.json", self.tok.save)
         res: dict[str, Any] = {
-            "preset": name, "parameters": model.num_parameters(), "memory_layers": has_memory_layer(name),
-            "overrides": cfg.overrides_for(name), "steps": trainer.step, "train_tokens": trainer.tokens,
+            "preset": preset, "parameters": model.num_parameters(), "memory_layers": has_memory_layer(preset),
+            "overrides": dict(tcfg.model.overrides), "steps": trainer.step, "train_tokens": trainer.tokens,
             "train_seconds": trainer.elapsed_s, "train_tokens_per_s": trainer.tokens / max(trainer.elapsed_s, 1e-9),
             "skipped_steps": trainer.skipped,
             "final_train_loss": _last_train_loss(mdir / "metrics.jsonl")}
+        return model, trainer, res
+
+    def run_stages(self, key: str, res: dict[str, Any], mdir: Path,
+                   stages: list[tuple[str, Callable[[], dict]]]) -> dict[str, Any]:
+        """Run every stage whose evals/STAGE.json is missing; read back the others."""
         evals = mdir / "evals"
         evals.mkdir(exist_ok=True)
-        for stage, fn in self.stages(model, trainer):
+        for stage, fn in stages:
             path = evals / f"{stage}.json"
             if path.exists():
                 res[stage] = json.loads(path.read_text())
                 continue
-            _say(f"{name}: {stage}")
+            _say(f"{key}: {stage}")
             t0 = time.perf_counter()
             out = fn()
             out["seconds"] = round(time.perf_counter() - t0, 2)
@@ -187,7 +200,8 @@ class Experiment:
         return out
 
     def eval_probes(self, model) -> dict:
-        from newllm.experiment.probes import inference_speed, long_documents, loss_by_position
+        from newllm.eval.position import long_documents
+        from newllm.experiment.probes import inference_speed, loss_by_position
 
         e = self.cfg.eval
         length = e.position_context or e.context
@@ -261,14 +275,23 @@ class Experiment:
             _write_json(path, results[name])
             if progress_report:
                 write_report(self.summary(results), self.root)
+        self.isolating = None
+        if self.cfg.isolating.enabled:
+            from newllm.experiment.isolating import Isolating
+
+            self.isolating = Isolating(self)
+            self.isolating.run(lambda: write_report(self.summary(results), self.root) if progress_report else None)
         summary = self.summary(results)
         write_report(summary, self.root)
         _say(f"done: {self.root / 'report.md'}")
         return summary
 
     def summary(self, results: dict[str, Any]) -> dict[str, Any]:
-        return {"profile": self.cfg.profile, "config": self.cfg.to_dict(), "machine": machine_info(self.device),
-                "data": self.data_info(), "models": results}
+        out = {"profile": self.cfg.profile, "config": self.cfg.to_dict(), "machine": machine_info(self.device),
+               "data": self.data_info(), "models": results}
+        if getattr(self, "isolating", None) is not None:
+            out["isolating"] = self.isolating.summary()
+        return out
 
 
 def run_experiment(cfg: ExperimentConfig | None = None, resume=None, data_dir=None) -> dict[str, Any]:

@@ -96,6 +96,11 @@ class ContextLM(TransformerLM):
             self.register_buffer("h_init", torch.zeros(d), persistent=False)
         self.to(config.torch_dtype)
 
+    @property
+    def receptive_field(self) -> None:
+        """Unbounded: h_{t-1} carries every earlier token."""
+        return None
+
     # ------------------------------------------------------------------ helpers
     def initial_context(self, batch_size: int) -> torch.Tensor:
         """h_{-1} for a batch: (B, d)."""

@@ -282,6 +282,16 @@ class TransformerLM(nn.Module):
         return out
 
     # ------------------------------------------------------------------ info
+    @property
+    def receptive_field(self) -> int | None:
+        """How many tokens back the logits at t can depend on other than through a compressive memory:
+        the sum of the layers' `attention_span` (L x (W - 1) for L layers with a window of W keys,
+        since each layer reaches W - 1 further back through depth). A token more than this many
+        positions before t reaches t only through a memory. None: unbounded (some layer attends to
+        everything, or keeps a recurrent state)."""
+        spans = [layer.attention_span for layer in self.layers]
+        return None if any(s is None for s in spans) else sum(spans)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

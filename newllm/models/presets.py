@@ -32,6 +32,9 @@ SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M config.json
     "norm_eps": 1e-5, "norm": "rmsnorm", "max_position_embeddings": 8192, "tie_word_embeddings": True,
 }
 
+#: Pythia-70m's sizes without the rotary fields, for stacks with no softmax-attention layer
+MEMORY_70M = {k: v for k, v in PYTHIA_70M.items() if k not in ("rotary_pct", "rotary_emb_base")}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "pythia": {"first": [], "rest": "pythia", **PYTHIA_70M},
     # seed 001: 1 Infini layer (layer 0) + 5 Pythia layers at Pythia-70m sizes
@@ -39,6 +42,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seed 001: 1 MultiMemory / Hierarchical layer (layer 0) + 5 Pythia layers, num_memories=4 by default
     "multi_memory": {"first": ["multi_memory"], "rest": "pythia", **PYTHIA_70M},
     "hierarchical": {"first": ["hierarchical"], "rest": "pythia", **PYTHIA_70M},
+    # the Infini-attention paper's model: EVERY layer a memory layer (segment-local attention + memory,
+    # no positions), Pythia-70m sizes; past its segment a token reaches the output only through memory
+    "infini_all": {"first": [], "rest": "infini", **MEMORY_70M},
+    "multi_memory_all": {"first": [], "rest": "multi_memory", **MEMORY_70M},
     "llama": {"first": [], "rest": "llama", **SMOLLM2_135M},
     # a Llama-architecture stack (SmolLM2-135M sizes) whose layer 0 is an Infini layer in a Llama block
     # (RMSNorm, SwiGLU, GQA with the same q/k/v/o names): the shape a memory retrofit of SmolLM2 takes

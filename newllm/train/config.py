@@ -117,6 +117,10 @@ class TrainConfig:
     # recurrence of a recurrent preset (context_pythia) with gradients through it; "lct" = Lagged Cache Training
     mode: str = "parallel"
     lct: LCTConfig = field(default_factory=LCTConfig)  # options of the sequential and lct modes
+    # truncated BPTT (newllm/train/tbptt.py): each batch row reads `carry_windows` consecutive windows of
+    # one contiguous stretch of the stream, one per step, the state (memories, KV caches) carried from
+    # window to window detached; 1 = every window from an empty state (the shuffled windows above)
+    carry_windows: int = 1
 
     def __post_init__(self):
         _check_pos("train", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -141,6 +145,10 @@ class TrainConfig:
         if self.mode not in MODES:
             raise NewLLMError(f"train: mode must be one of {MODES}, got {self.mode!r}")
         check_device("train", self.device)
+        _check_pos("train", carry_windows=self.carry_windows)
+        if self.carry_windows > 1 and self.mode != "parallel":
+            raise NewLLMError(f"train: carry_windows={self.carry_windows} (truncated BPTT) needs mode parallel, got "
+                              f"mode {self.mode!r} (the recurrent modes carry their own state)")
         if self.num_threads is not None:
             _check_pos("train", num_threads=self.num_threads)
         for name, group in self.param_groups.items():

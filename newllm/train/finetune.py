@@ -22,7 +22,8 @@ No learning-rate schedule: these fine-tunes are a few hundred steps at a constan
 The tasks (each evaluated in `newllm.eval`; the evaluations never depend on how a model was trained):
 
 * `passkey_finetune`: fresh passkey prompts, loss on the key's tokens only (the Infini-attention
-  paper's fine-tuning stage before its passkey test);
+  paper's fine-tuning stage before its passkey test); `passkey_distance_finetune`: the same with the
+  needle a chosen number of tokens before the answer (the memory test);
 * `recall_train`: fresh associative-recall batches (`newllm.data.recall.make_recall_batch`);
 * `finetune_on_texts`: language modelling on a few texts (the Reversal Curse facts).
 """
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 
 from newllm.data.corpora import separator_id
-from newllm.data.passkey import make_passkey_sample
+from newllm.data.passkey import make_passkey_at_distance, make_passkey_sample
 from newllm.data.recall import make_recall_batch
 from newllm.errors import NewLLMError
 from newllm.train.optim import build_param_groups
@@ -77,14 +78,15 @@ def finetune(model: nn.Module, batches: Iterable[Batch], steps: int, lr: float, 
 
 
 # ------------------------------------------------------------------------------ passkey
-def _passkey_batches(tokenizer, lengths: list[int], batch_size: int, rng: random.Random,
-                     digits: int) -> Iterator[Batch]:
+def _passkey_batches(tokenizer, choices: list, make, batch_size: int, rng: random.Random) -> Iterator[Batch]:
+    """Batches of `batch_size` prompts + answers, one `rng.choice(choices)` per batch and
+    `make(choice, rng)` per row (a PasskeySample); loss only on the answer's tokens."""
     pad = tokenizer.eos_token_id or 0  # any id: padding is never scored
     while True:
-        length = rng.choice(list(lengths))
+        choice = rng.choice(list(choices))
         rows = []
         for _ in range(batch_size):
-            s = make_passkey_sample(tokenizer, length, rng.random(), rng, digits)
+            s = make(choice, rng)
             rows.append((s.ids, tokenizer.encode(f" {s.passkey}")))
         T = max(len(p) + len(a) for p, a in rows)
         ids = torch.full((batch_size, T), pad, dtype=torch.long)
@@ -111,7 +113,26 @@ def passkey_finetune(model, tokenizer, steps: int, lengths: list[int], lr: float
         raise NewLLMError(f"passkey_finetune: need steps >= 0, batch_size >= 1 and lengths, got "
                           f"{steps}, {batch_size}, {lengths}")
     rng = random.Random(f"passkey-finetune:{seed}")
-    return finetune(model, _passkey_batches(tokenizer, lengths, batch_size, rng, digits), steps, lr,
+    make = lambda length, r: make_passkey_sample(tokenizer, length, r.random(), r, digits)  # noqa: E731
+    return finetune(model, _passkey_batches(tokenizer, lengths, make, batch_size, rng), steps, lr,
+                    param_groups=param_groups, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                    progress=progress, desc="passkey fine-tune")
+
+
+def passkey_distance_finetune(model, tokenizer, steps: int, distances: list[int], lr: float = 1e-4,
+                              batch_size: int = 4, seed: int = 0, digits: int = 5, lead: int = 0,
+                              weight_decay: float = 0.0, max_grad_norm: float = 1.0, progress: bool = False,
+                              param_groups: dict[str, dict[str, float]] | None = None) -> list[float]:
+    """Fine-tune on fresh passkey prompts whose needle ends `distance` tokens before the answer
+    (`make_passkey_at_distance`; one distance drawn from `distances` per step), from
+    ``random.Random(f"passkey-distance-finetune:{seed}")``; loss on the key's tokens only. Train at
+    short distances past the receptive field, test at longer ones (`passkey_distance_eval`)."""
+    if steps < 0 or batch_size < 1 or not distances:
+        raise NewLLMError(f"passkey_distance_finetune: need steps >= 0, batch_size >= 1 and distances, got "
+                          f"{steps}, {batch_size}, {distances}")
+    rng = random.Random(f"passkey-distance-finetune:{seed}")
+    make = lambda d, r: make_passkey_at_distance(tokenizer, d, r, digits, lead)  # noqa: E731
+    return finetune(model, _passkey_batches(tokenizer, distances, make, batch_size, rng), steps, lr,
                     param_groups=param_groups, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
                     progress=progress, desc="passkey fine-tune")
 

@@ -9,6 +9,9 @@ One optimizer step::
         backward(loss / grad_accum)                 # so the summed gradient is the batch mean's
     clip the global grad norm; set lr(step); AdamW step
 
+`carry_windows` > 1 (truncated BPTT: the state carried across consecutive windows of one stream) is
+`newllm.train.tbptt.StreamTrainer`, which `train()` picks for it.
+
 `mode: sequential | lct` (recurrent presets such as context_pythia) replaces the two loss lines by
 `newllm.train.lct.step_loss`: the exact recurrence, or Lagged Cache Training with its per-window
 hidden-state cache keyed by the window's index (staleness logged as kind "lct").
@@ -430,6 +433,7 @@ def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None =
     `force` (`claim_run_dir`); so does a resume whose run_dir is another run's folder.
     """
     from newllm.data.corpora import load_tokens
+    from newllm.train.tbptt import trainer_class
 
     data_dir = data_dir or cfg.data.data_dir
     folder = ckpt.find_checkpoint(resume) if resume is not None else None
@@ -446,7 +450,7 @@ def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None =
     valid_tokens = load_tokens(cfg.data.corpus, cfg.data.valid_split, **load) if cfg.eval.every else None
     seed_all(cfg.seed)  # model init depends on the seed only, not on what tokenizing consumed
     model = build_model(cfg, tok)
-    trainer = Trainer(cfg, model, train_tokens, valid_tokens, run_dir=run_dir)
+    trainer = trainer_class(cfg)(cfg, model, train_tokens, valid_tokens, run_dir=run_dir)
     if folder is not None:
         trainer.load(folder)
     write_text(run_dir / "config.yaml", _yaml(cfg.to_dict()))

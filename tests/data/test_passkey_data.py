@@ -73,3 +73,20 @@ def test_bad_passkey_input(tok):
                                      (" 1 71432", False), (" 71,432", False)])
 def test_score_passkey(text, ok):
     assert score_passkey(text, "71432") is ok
+
+
+@pytest.mark.parametrize("lead", [0, 7])
+def test_passkey_at_distance_is_exact_at_every_distance(tok, lead):
+    from newllm.data.passkey import NEEDLE, make_passkey_at_distance
+
+    q = len(tok.encode(QUESTION))
+    rng = random.Random(5)
+    for distance in [*range(q, q + 120), 500, 1024, 4097]:
+        s = make_passkey_at_distance(tok, distance, rng, digits=5, lead=lead)
+        needle = tok.encode(NEEDLE.format(key=s.passkey))
+        end = s.key_position + len(needle) - 1  # the needle's last token
+        assert s.ids[s.key_position:end + 1] == needle and s.distance == distance
+        assert len(s.ids) - 1 - end == distance, distance  # the answer is predicted exactly `distance` after
+        assert s.ids[-q:] == tok.encode(QUESTION) and s.key_position == len(tok.encode(INTRO)) + lead
+    with pytest.raises(NewLLMError, match="shorter than the question"):
+        make_passkey_at_distance(tok, q - 1, rng)

@@ -65,3 +65,18 @@ def test_bad_recall_input():
         make_recall_batch(3, 6, 2, g)
     with pytest.raises(NewLLMError, match="n_pairs must be in"):
         make_recall_batch(20, 64, 2, g, n_keys=16)
+
+
+@pytest.mark.parametrize("n_pairs,S", [(2, 8), (4, 9), (8, 64)])
+def test_recall_distance_and_gap_are_exact(n_pairs, S):
+    from newllm.data.recall import recall_distance, recall_gap
+
+    for gap in (1, 2, 5):
+        ids, labels = make_recall_batch(n_pairs, S, 3, torch.Generator().manual_seed(gap), n_segments_gap=gap)
+        pair_end = 2 * n_pairs - 1  # the last pair's value
+        answers = (labels[0] != -100).nonzero().flatten()  # value positions, each predicted at t - 1 (its key)
+        assert int(answers.min()) - 1 - pair_end == recall_distance(n_pairs, S, gap)
+    for distance in range(1, 5 * S):
+        gap = recall_gap(distance, n_pairs, S)
+        assert recall_distance(n_pairs, S, gap) >= distance
+        assert gap == 1 or recall_distance(n_pairs, S, gap - 1) < distance  # the smallest such gap

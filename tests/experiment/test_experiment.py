@@ -240,3 +240,59 @@ def test_tokenizer_names_resolve_under_the_data_dir(shared_dir):
     assert resolve_tokenizer(None, shared_dir) is None
     with pytest.raises(NewLLMError, match="tokenizer 'nope' is neither a file nor"):
         resolve_tokenizer("nope", shared_dir)
+
+
+ISOLATING = {"enabled": True, "models": ["pythia", "infini_all"], "full_attention": ["pythia"], "window": 8,
+             "segments_per_window": 2, "carry_windows": 2, "samples": 24,
+             "passkey": {"train_distances": [1.5], "test_distances": [1.5, 2.0], "steps": 2, "batch_size": 2,
+                         "n_per_distance": 1, "digits": 2},
+             "recall": {"distances": [1.5], "steps": 2, "batch_size": 4, "n_pairs": 2, "eval_batches": 1},
+             "position": {"split": "test", "length": 128, "docs": 2, "resamples": 50}}
+
+
+def test_isolating_setting_end_to_end(tmp_path, corpus):
+    iso = json.loads(json.dumps(ISOLATING))
+    iso["position"]["corpus"] = str(corpus)
+    cfg = tiny_config(tmp_path, corpus, "iso", models=[], isolating=iso, reversal={"enabled": False})
+    summary = run_experiment(cfg)
+    res = summary["isolating"]
+    # 2 Pythia layers with a window of 8 reach 2 x 7 back; 2 memory layers with segments of 16, 2 x 15
+    assert res["receptive_fields"] == {"pythia": 14, "infini_all": 30, "pythia-full": None}
+    assert res["receptive_field"] == 30 and res["seq_len"] == 2 * 16
+    models = res["models"]
+    assert list(models) == ["pythia", "infini_all", "pythia-full"]
+    for key, r in models.items():
+        assert r["steps"] == 3 and r["train_tokens"] == 3 * 8 * 32  # 24 windows of 32 tokens, batch 8
+        pk, rc, pos = r["iso_passkey"], r["iso_recall"], r["iso_position"]
+        assert pk["train_distances"] == [45] and pk["test_distances"] == [45, 60]
+        assert np.array(pk["accuracy"]).shape == (1, 2)
+        assert rc["distances"][0] >= 45 and rc["chance"] == 1 / 16
+        assert pos["start"] == 31 and pos["n_docs"] >= 1 and len(pos["curve_on"]) == 127
+        memory = key == "infini_all"
+        assert (pk["accuracy_memory_off"][0] is not None) == memory and (rc["accuracy_memory_off"] is not None) == memory
+        assert ("gain" in pos) == memory
+        assert r["overrides"].get("sliding_window") == (8 if key == "pythia" else None)
+    gain = models["infini_all"]["iso_position"]["gain"]
+    assert gain["mean"] == pytest.approx(np.mean(gain["per_doc"]))
+    root = Path(cfg.run_dir)
+    report = (root / "report.md").read_text()
+    assert "## Isolating" in report and all(f"| `{k}` |" in report for k in models)
+    assert (root / "isolating_passkey.png").stat().st_size > 1000
+    assert (root / "isolating" / "infini_all" / "evals" / "iso_position.json").exists()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"passkey": {"test_distances": [1.0, 2.0]}}, "isolating.passkey.test_distances must be .* each > 1"),
+    ({"recall": {"distances": [0.5]}}, "isolating.recall.distances must be"),
+    ({"window": 0}, "isolating.window must be >= 1"),
+    ({"models": ["nope"]}, "isolating.models: unknown or repeated preset"),
+    ({"windoww": 8}, r"unknown key\(s\) \['isolating.windoww'\]"),
+])
+def test_isolating_config_errors_name_the_key(tmp_path, corpus, change, match):
+    with pytest.raises(NewLLMError, match=match):
+        tiny_config(tmp_path, corpus, isolating={**ISOLATING, **change})
+
+
+def test_isolating_needs_a_segment_length(tmp_path, corpus):
+    with pytest.raises(NewLLMError, match="isolating needs a memory segment length"):
+        tiny_config(tmp_path, corpus, isolating=ISOLATING, memory_overrides={})

@@ -128,7 +128,8 @@ TINY = dict(vocab_size=V, hidden_size=32, num_attention_heads=4, intermediate_si
 PRESET_EXTRA = {"llama": dict(num_key_value_heads=2), "infini": dict(segment_length=8),
                 "multi_memory": dict(segment_length=6, num_memories=3),
                 "hierarchical": dict(segment_length=6, num_memories=3),
-                "llama_infini": dict(num_key_value_heads=2, segment_length=8)}
+                "llama_infini": dict(num_key_value_heads=2, segment_length=8),
+                "infini_all": dict(segment_length=8), "multi_memory_all": dict(segment_length=6, num_memories=3)}
 
 
 def stack_of(layer_type: str, **options):

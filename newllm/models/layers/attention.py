@@ -97,6 +97,14 @@ class SoftmaxAttention(TokenMixer):
     def uses_positions(self) -> bool:
         return self.rotary_ndims > 0
 
+    @property
+    def attention_span(self) -> int | None:
+        """W - 1 with a window of W keys (the query itself and W - 1 before it); None with full
+        attention or with sinks (the first tokens stay visible at any distance)."""
+        if self.sliding_window is None or self.sinks:
+            return None
+        return self.sliding_window - 1
+
     def state_spec(self) -> dict[str, StateField]:
         kv = StateField((self.kv_heads, None, self.head_dim))
         return {"k": kv, "v": kv, "pos": StateField((), torch.long, batched=False)}

@@ -23,6 +23,10 @@ and read only through these names (never found by `hasattr` or by probing with f
                                    per-token gate in [0, 1] (recorded with forward hooks)
     memory_segment_length          tokens per memory segment (None without a memory)
     uses_positions                 whether outputs depend on absolute positions (RoPE)
+    attention_span                 how many tokens back an output can see other than through a
+                                   compressive memory (W - 1 for a window of W, S - 1 for
+                                   segment-local attention; None: unbounded). The model's
+                                   `receptive_field` is their sum over the stack
     param_groups()                 parameters that want their own optimizer group (memory gates)
     tiny_config()                  a small config that exercises the layer, for tests
 
@@ -217,6 +221,13 @@ class BaseLayer(nn.Module):
     @property
     def uses_positions(self) -> bool:
         return False
+
+    @property
+    def attention_span(self) -> int | None:
+        """The most tokens back that the output at t depends on, other than through a compressive
+        memory: the output at t is a function of inputs t - span .. t (and of the memory). None: no
+        bound (full attention, a recurrent state, a layer that does not declare one)."""
+        return None
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters that want their own optimizer group (e.g. memory gates), by group name."""

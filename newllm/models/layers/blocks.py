@@ -154,6 +154,7 @@ class TokenMixer(nn.Module):
     memory_enabled: bool = False
     memory_segment_length: int | None = None
     uses_positions: bool = False
+    attention_span: int | None = None
 
     def gates(self) -> dict[str, torch.Tensor]:
         return {}
@@ -241,6 +242,10 @@ class Block(BaseLayer):
     @property
     def uses_positions(self) -> bool:
         return self.mixer.uses_positions
+
+    @property
+    def attention_span(self) -> int | None:
+        return self.mixer.attention_span
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         return self.mixer.param_groups()

@@ -186,6 +186,12 @@ class MemoryMixer(TokenMixer):
     def memory_segment_length(self) -> int:
         return self.config.segment_length
 
+    @property
+    def attention_span(self) -> int:
+        """S - 1: local attention stays inside the segment; anything older reaches the output only
+        through the memory."""
+        return self.config.segment_length - 1
+
     def state_spec(self) -> dict[str, StateField]:
         kv = StateField((None, self.kv_heads * self.head_dim))  # the incomplete segment's keys/values, P < S
         counter = StateField((), torch.long, batched=False)
