@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit-tokens", type=int, default=12000)
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--stride", type=int, default=512)
-    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--sinks", type=int, default=4, help="the sinks of the window + sinks rows (0: window-only rows only)")
+    p.add_argument("--windows", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256],
+                   help="comma-separated windows (default 64,256)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--only", action="append", default=[], metavar="LAYERS",
                    help="score only these rows (e.g. 'every other layer'; repeatable); the baseline is always scored")
@@ -49,12 +51,12 @@ def main(argv=None) -> int:
     n = len(base.layers)
     every_other = list(range(1, n, 2))
     variants = [("baseline", {}, None, 0)]
-    for w in (64, 256):
+    for w in args.windows:
         for name, layers in (("layer 0", [0]), (f"layer {n // 2}", [n // 2]), (f"layer {n - 1}", [n - 1]),
                              ("every other layer", every_other), ("all layers", list(range(n)))):
             if w == 256 and name in ("layer 0", f"layer {n - 1}", "all layers"):
                 continue  # the table: W=256 only for the middle layer and every other layer
-            for sinks in (0, args.sinks):
+            for sinks in sorted({0, args.sinks}):
                 variants.append((name, {i: {"sliding_window": w, "attention_sinks": sinks} for i in layers}, w, sinks))
     names = {v[0] for v in variants}
     unknown = sorted(set(args.only) - names)
