@@ -125,8 +125,7 @@ class StageTrainer(Trainer):
     def param_group_members(self) -> dict[str, list[nn.Parameter]]:
         model = self.model
         lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
-        gates = {id(p) for i in self.replaced for p in _gates(model.layers[i])} | {
-            id(p) for layer in model.layers for p in _gates(layer)}
+        gates = {id(p) for layer in model.layers for p in _gates(layer)}
         replaced = {id(p) for i in self.replaced for p in model.layers[i].parameters()}
         groups: dict[str, list[nn.Parameter]] = {"replaced": [], "others": [], "gates": [], "lora": []}
         for p in _unique(model.parameters()):
