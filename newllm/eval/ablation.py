@@ -31,3 +31,42 @@ def memory_switched_off(model):
 def has_memory(model) -> bool:
     """Whether any layer of `model` has a compressive memory switched on (so an ablation means something)."""
     return any(layer.memory_enabled for layer in model.layers)
+
+
+def memory_read_norms(model, ids, positions=None) -> dict[str, dict[str, float]]:
+    """What each memory layer's read carries: the RMS of its memory read-out A_mem and of its local
+    attention A_loc (the mixer's taps), over `positions` (a (B, T) bool mask; None: every position),
+    and the mean memory gate sigmoid(beta). A gate near 0, or an A_mem far smaller than A_loc,
+    says the layer does not use what its memory holds. Keys `L{i}`; layers without taps are left out."""
+    import torch
+
+    taps: dict[str, dict[str, torch.Tensor]] = {}
+    hooks = []
+    for i, layer in enumerate(model.layers):
+        mixer = getattr(layer, "mixer", layer)
+        if not layer.memory_enabled or not hasattr(mixer, "tap_memory_read"):
+            continue
+        taps[f"L{i}"] = {}
+        for name, tap in (("memory_read", mixer.tap_memory_read), ("local", mixer.tap_local)):
+            hooks.append(tap.register_forward_hook(
+                lambda _m, _i, out, key=f"L{i}", name=name: taps[key].__setitem__(name, out.detach())))
+    try:
+        with torch.no_grad():
+            model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, dict[str, float]] = {}
+    for i, layer in enumerate(model.layers):
+        got = taps.get(f"L{i}")
+        if not got or "memory_read" not in got:
+            continue
+        row = {}
+        for name, t in got.items():
+            t = t.float().reshape(t.shape[0], t.shape[1], -1)  # (B, T, features)
+            sel = t if positions is None else t[positions.to(t.device)]
+            row[f"{name}_rms"] = float(sel.pow(2).mean().sqrt())
+        row["gate_mean"] = float(torch.stack([g.float().mean() for g in layer.gates().values()]).mean()) \
+            if layer.gates() else float("nan")
+        out[f"L{i}"] = row
+    return out

@@ -138,12 +138,18 @@ class IsolatingRecallConfig:
     n_values: int = 16  # chance = 1 / n_values
     eval_batches: int = 4
     seed: int = 0
+    # the capacity sweep (diagnosis): the trained copy scored with this many pairs stored, at the
+    # training distance, against the d-associations bound of a d-dimensional linear memory
+    capacity: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
 
     def __post_init__(self):
         _check_factors("isolating.recall.distances", self.distances)
         for k in ("steps", "batch_size", "n_pairs", "n_keys", "n_values", "eval_batches"):
             if not getattr(self, k) >= 1:
                 raise NewLLMError(f"isolating.recall.{k} must be >= 1, got {getattr(self, k)}")
+        if self.n_pairs > self.n_keys or any(not 1 <= n <= self.n_keys for n in self.capacity):
+            raise NewLLMError(f"isolating.recall: n_pairs {self.n_pairs} and every capacity entry {self.capacity} "
+                              f"must be in [1, n_keys = {self.n_keys}] (the pairs' keys are distinct)")
         if not self.lr > 0:
             raise NewLLMError(f"isolating.recall.lr must be > 0, got {self.lr}")
 

@@ -37,6 +37,14 @@ from newllm.experiment.config import has_memory_layer
 from newllm.files import write_json
 
 
+def memory_dims(model) -> dict[str, int]:
+    """Each memory layer's key dimension d (Dm): a d-dimensional linear memory holds at most d
+    associations it can read back exactly (d orthogonal keys), the bound the capacity sweep is read against."""
+    return {f"L{i}": int(layer.mixer.config.memory_dim) for i, layer in enumerate(model.layers)
+            if layer.has_compressive_memory and hasattr(getattr(layer, "mixer", None), "config")
+            and hasattr(layer.mixer.config, "memory_dim")}
+
+
 def receptive_field_of(tcfg, tokenizer) -> int | None:
     """The receptive field of the model a TrainConfig builds (on the meta device: shapes only)."""
     from newllm.train.loop import build_model
@@ -68,6 +76,9 @@ class Isolating:
             raise NewLLMError("isolating: no model has a bounded receptive field (every one attends to everything); "
                               "list a windowed or memory preset in isolating.models")
         self.R = max(bounded)
+        if self.iso.recall.enabled and 2 * max([self.iso.recall.n_pairs, *self.iso.recall.capacity]) + 1 > self.S:
+            raise NewLLMError(f"isolating.recall: segment length {self.S} holds fewer than 2 x n_pairs + 1 tokens for "
+                              f"n_pairs {self.iso.recall.n_pairs} / capacity {self.iso.recall.capacity}")
         self.results: dict[str, Any] = {}
 
     def distance(self, factor: float) -> int:
@@ -128,7 +139,7 @@ class Isolating:
 
     def eval_recall(self, model, groups) -> dict:
         from newllm.data.recall import make_recall_batch, recall_distance, recall_gap
-        from newllm.eval.ablation import has_memory, memory_switched_off
+        from newllm.eval.ablation import has_memory, memory_read_norms, memory_switched_off
         from newllm.eval.recall import recall_eval
         from newllm.train.finetune import recall_train
 
@@ -139,19 +150,42 @@ class Isolating:
         losses = recall_train(tuned, r.steps, n_pairs=r.n_pairs, segment_length=S, batch=r.batch_size, lr=r.lr,
                               seed=r.seed + 1, progress=self.cfg.progress, param_groups=groups, n_segments_gap=gaps[0],
                               **kw)
+        memory = has_memory(tuned)
+
+        def score(n_pairs: int, gap: int) -> tuple[float, float | None, list]:
+            g = torch.Generator().manual_seed(r.seed)  # held-out batches: another seed than training's
+            batches = [make_recall_batch(n_pairs, S, r.batch_size, g, n_segments_gap=gap, **kw)
+                       for _ in range(r.eval_batches)]
+            on = float(np.mean([recall_eval(tuned, *b) for b in batches]))
+            if not memory:
+                return on, None, batches
+            with memory_switched_off(tuned):
+                return on, float(np.mean([recall_eval(tuned, *b) for b in batches])), batches
+
         on, off = [], []
         for gap in gaps:
-            g = torch.Generator().manual_seed(r.seed)  # held-out batches: another seed than training's
-            batches = [make_recall_batch(r.n_pairs, S, r.batch_size, g, n_segments_gap=gap, **kw)
-                       for _ in range(r.eval_batches)]
-            on.append(float(np.mean([recall_eval(tuned, *b) for b in batches])))
-            if has_memory(tuned):
-                with memory_switched_off(tuned):
-                    off.append(float(np.mean([recall_eval(tuned, *b) for b in batches])))
-        return {"distances": [recall_distance(r.n_pairs, S, gap) for gap in gaps], "gaps": gaps,
-                "train_distance": recall_distance(r.n_pairs, S, gaps[0]), "accuracy": on,
-                "accuracy_memory_off": off or None, "chance": 1.0 / r.n_values, "n_pairs": r.n_pairs,
-                "steps": r.steps, "losses": losses, "param_groups": groups}
+            a, b, batches = score(r.n_pairs, gap)
+            on.append(a)
+            off.append(b)
+        out = {"distances": [recall_distance(r.n_pairs, S, gap) for gap in gaps], "gaps": gaps,
+               "train_distance": recall_distance(r.n_pairs, S, gaps[0]), "accuracy": on,
+               "accuracy_memory_off": off if memory else None, "chance": 1.0 / r.n_values, "n_pairs": r.n_pairs,
+               "steps": r.steps, "losses": losses, "param_groups": groups}
+        if memory:
+            # diagnosis: what the memory reads where the answers are predicted (the training distance)
+            ids, labels = make_recall_batch(r.n_pairs, S, r.batch_size, torch.Generator().manual_seed(r.seed),
+                                            n_segments_gap=gaps[0], **kw)
+            answers = torch.zeros_like(labels, dtype=torch.bool)
+            answers[:, :-1] = labels[:, 1:] != -100  # position t predicts label t + 1
+            out["read_norms"] = memory_read_norms(tuned, ids, answers)
+            # the capacity sweep: pairs stored against accuracy, every pair beyond the receptive field
+            sweep = []
+            for n in r.capacity:
+                gap = recall_gap(self.distance(r.distances[0]), n, S)
+                a, b, _ = score(n, gap)
+                sweep.append({"n_pairs": n, "gap": gap, "accuracy": a, "accuracy_memory_off": b})
+            out["capacity"] = {"rows": sweep, "memory_dims": memory_dims(tuned)}
+        return out
 
     def eval_position(self, model) -> dict:
         from newllm.data.corpora import load_tokens
@@ -169,8 +203,31 @@ class Isolating:
                            resamples=p.resamples, seed=p.seed)
 
     # ------------------------------------------------------------------ results
+    def versus_window(self) -> dict[str, Any]:
+        """Each memory model's loss past R against the window-only baseline's, paired by document (both
+        read the same documents): baseline - model per document, mean and bootstrap interval (nats; > 0:
+        the memory model is below the baseline)."""
+        from newllm.eval.position import bootstrap_ci
+
+        memory = {k for k, p, _ in self.entries if has_memory_layer(p)}
+        baselines = [k for k, p, full in self.entries if not full and k not in memory]
+        p = self.iso.position
+        out: dict[str, Any] = {}
+        for key in memory:
+            mine = (self.results.get(key) or {}).get("iso_position")
+            for base in baselines:
+                theirs = (self.results.get(base) or {}).get("iso_position")
+                if not mine or not theirs:
+                    continue
+                diff = np.array(theirs["on"]["per_doc"]) - np.array(mine["on"]["per_doc"])
+                lo, hi = bootstrap_ci(diff, p.confidence, p.resamples, p.seed)
+                out[key] = {"baseline": base, "mean": float(diff.mean()), "ci": [lo, hi],
+                            "per_doc": [float(v) for v in diff]}
+                break
+        return out
+
     def summary(self) -> dict[str, Any]:
-        return {"receptive_field": self.R, "window": self.iso.window, "segment_length": self.S,
+        return {"versus_window": self.versus_window(), "receptive_field": self.R, "window": self.iso.window, "segment_length": self.S,
                 "seq_len": self.seq_len, "segments_per_window": self.iso.segments_per_window,
                 "carry_windows": self.iso.carry_windows, "train_tokens": int(len(self.stream)),
                 "receptive_fields": self.fields, "memory_layers": {k: has_memory_layer(p) for k, p, _ in self.entries},

@@ -189,15 +189,17 @@ def isolating_markdown(iso: dict[str, Any]) -> list[str]:
            "layers, S - 1 for a memory layer's local attention), where only a memory reaches. Each cell: with the "
            "memory / with it switched off (same weights).", ""]
     rows = []
+    versus = iso.get("versus_window") or {}
     for key, r in iso["models"].items():
         pk, rc, pos = r.get("iso_passkey") or {}, r.get("iso_recall") or {}, r.get("iso_position") or {}
+        vs = versus.get(key)
         pk_on = _mean(pk["accuracy"][0]) if pk.get("accuracy") else None
         pk_off = _mean(pk["accuracy_memory_off"][0]) if pk.get("accuracy_memory_off") and pk["accuracy_memory_off"][0] else None
         rc_on = rc["accuracy"][0] if rc.get("accuracy") else None
         rc_off = rc["accuracy_memory_off"][0] if rc.get("accuracy_memory_off") else None
         rows.append([f"`{key}`", _fmt(r.get("receptive_field")) if r.get("receptive_field") is not None else "unbounded",
                      _on_off(pk_on, pk_off), _on_off(rc_on, rc_off), _ci(pos.get("on")), _ci(pos.get("off")),
-                     _ci(pos.get("gain"))])
+                     _ci(pos.get("gain")), f"{_ci(vs)} (vs `{vs['baseline']}`)" if vs else "-"])
     some = next(iter(iso["models"].values()), {})
     pk, rc, pos = some.get("iso_passkey") or {}, some.get("iso_recall") or {}, some.get("iso_position") or {}
     pk_head = (f"passkey at {pk['test_distances']} tokens (trained at {pk['train_distances'][0]})" if pk else "passkey")
@@ -205,12 +207,37 @@ def isolating_markdown(iso: dict[str, Any]) -> list[str]:
     start = pos.get("start")
     pos_head = f"loss past position {start}" if start is not None else "loss past R"
     out += [_table(["model", "receptive field", pk_head, rc_head, f"{pos_head}, memory on",
-                    f"{pos_head}, memory off", "memory's gain (off - on), nats"], rows), ""]
+                    f"{pos_head}, memory off", "memory's gain (off - on), nats",
+                    "below the window-only baseline by, nats (paired by document)"], rows), ""]
     if pos:
         out += [f"Loss: the first {pos['length']:,} tokens of {pos['n_docs']} long documents, read from an empty state "
                 f"in pieces of {pos['chunk']} tokens; mean over documents of each document's mean loss at positions "
                 f">= {start}, with a {pos['confidence']:.0%} bootstrap interval over documents.", ""]
+    out += isolating_diagnosis(iso)
     return out
+
+
+def isolating_diagnosis(iso: dict[str, Any]) -> list[str]:
+    """Why a memory did or did not carry the pairs: what it reads at the answers, and the capacity sweep."""
+    out = []
+    for key, r in iso["models"].items():
+        rc = r.get("iso_recall") or {}
+        if not rc.get("read_norms"):
+            continue
+        if not out:
+            out = ["### Diagnosis: what each memory layer reads, and how many pairs it holds", ""]
+        norms = ", ".join(f"{layer} {v['memory_read_rms']:.3g} / {v['local_rms']:.3g} (gate {v['gate_mean']:.2f})"
+                          for layer, v in rc["read_norms"].items())
+        out += [f"- `{key}`: RMS of the memory read / of the local attention at the answer positions: {norms}."]
+        cap = rc.get("capacity") or {}
+        if cap.get("rows"):
+            dims = sorted(set((cap.get("memory_dims") or {}).values()))
+            cells = ", ".join(f"{row['n_pairs']}: {_on_off(row['accuracy'], row['accuracy_memory_off'])}"
+                              for row in cap["rows"])
+            out += [f"  Capacity (pairs stored: recall with / without the memory; chance {_fmt(rc['chance'], 3)}): "
+                    f"{cells}. A linear memory of key dimension d holds at most d exactly readable associations "
+                    f"(d orthogonal keys): d = {', '.join(map(str, dims)) or '?'} here."]
+    return out + [""] if out else []
 
 
 # ---------------------------------------------------------------------------------- plots

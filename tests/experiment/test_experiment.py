@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from newllm.data.recall import recall_distance
 from newllm.errors import NewLLMError
 from newllm.experiment.config import ExperimentConfig, profile_config
 from newllm.experiment.data import mix_documents
@@ -246,7 +247,8 @@ ISOLATING = {"enabled": True, "models": ["pythia", "infini_all"], "full_attentio
              "segments_per_window": 2, "carry_windows": 2, "samples": 24,
              "passkey": {"train_distances": [1.5], "test_distances": [1.5, 2.0], "steps": 2, "batch_size": 2,
                          "n_per_distance": 1, "digits": 2},
-             "recall": {"distances": [1.5], "steps": 2, "batch_size": 4, "n_pairs": 2, "eval_batches": 1},
+             "recall": {"distances": [1.5], "steps": 2, "batch_size": 4, "n_pairs": 2, "eval_batches": 1,
+                        "capacity": [1, 3]},
              "position": {"split": "test", "length": 128, "docs": 2, "resamples": 50}}
 
 
@@ -271,12 +273,24 @@ def test_isolating_setting_end_to_end(tmp_path, corpus):
         memory = key == "infini_all"
         assert (pk["accuracy_memory_off"][0] is not None) == memory and (rc["accuracy_memory_off"] is not None) == memory
         assert ("gain" in pos) == memory
+        # the diagnosis: read norms at the answer positions, the capacity sweep with every pair past R
+        assert ("read_norms" in rc) == memory and ("capacity" in rc) == memory
+        if memory:
+            assert set(rc["read_norms"]) == {"L0", "L1"} and all(v["memory_read_rms"] > 0 for v in rc["read_norms"].values())
+            assert [row["n_pairs"] for row in rc["capacity"]["rows"]] == [1, 3]
+            assert all(recall_distance(row["n_pairs"], 16, row["gap"]) >= 45 for row in rc["capacity"]["rows"])
+            assert rc["capacity"]["memory_dims"] == {"L0": 32, "L1": 32}
         assert r["overrides"].get("sliding_window") == (8 if key == "pythia" else None)
+    vs = res["versus_window"]
+    assert list(vs) == ["infini_all"] and vs["infini_all"]["baseline"] == "pythia"  # paired by document
+    paired = np.array(models["pythia"]["iso_position"]["on"]["per_doc"]) - models["infini_all"]["iso_position"]["on"]["per_doc"]
+    assert vs["infini_all"]["mean"] == pytest.approx(paired.mean(), abs=1e-12)
     gain = models["infini_all"]["iso_position"]["gain"]
     assert gain["mean"] == pytest.approx(np.mean(gain["per_doc"]))
     root = Path(cfg.run_dir)
     report = (root / "report.md").read_text()
     assert "## Isolating" in report and all(f"| `{k}` |" in report for k in models)
+    assert "(vs `pythia`)" in report and "### Diagnosis" in report and "d = 32 here" in report
     assert (root / "isolating_passkey.png").stat().st_size > 1000
     assert (root / "isolating" / "infini_all" / "evals" / "iso_position.json").exists()
 
@@ -287,6 +301,7 @@ def test_isolating_setting_end_to_end(tmp_path, corpus):
     ({"window": 0}, "isolating.window must be >= 1"),
     ({"models": ["nope"]}, "isolating.models: unknown or repeated preset"),
     ({"windoww": 8}, r"unknown key\(s\) \['isolating.windoww'\]"),
+    ({"recall": {"capacity": [1, 17]}}, r"isolating.recall: n_pairs 8 and every capacity entry \[1, 17\] must be in"),
 ])
 def test_isolating_config_errors_name_the_key(tmp_path, corpus, change, match):
     with pytest.raises(NewLLMError, match=match):
