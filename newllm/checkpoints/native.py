@@ -23,15 +23,19 @@ FORMAT = "newllm-model"
 VERSION = 1
 
 
-def save_model(model: TransformerLM, folder, metadata: dict | None = None) -> Path:
-    """Write `folder/model.safetensors` and `folder/newllm.json`, each atomically (newllm.files)."""
+def save_model(model: TransformerLM, folder, metadata: dict | None = None,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `folder/model.safetensors` and `folder/newllm.json`, each atomically (newllm.files).
+    `state_dict`: the weights to write instead of `model.state_dict()` (the full weights gathered from
+    a model sharded across processes, newllm.train.distributed.full_state_dict)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NewLLMError(f"{folder}: exists and is not a folder; not writing a model there")
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().contiguous() for k, v in weights.items()}
     if model.config.tie_word_embeddings:
-        tensors.pop("lm_head.weight")
+        tensors.pop("lm_head.weight", None)
     atomic_write(folder / "model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
     header = {"format": FORMAT, "version": VERSION, "config": model.config.to_dict(), "metadata": metadata or {}}
     write_text(folder / "newllm.json", dumps_json(header))

@@ -8,6 +8,9 @@ folder moved out of its run needs `--set run_dir=DIR`).
 
 A fresh run refuses a run_dir that holds a previous run (checkpoints, final model, metrics): resume
 it, choose another run_dir, or pass `--force` to start over there (the previous outputs are deleted).
+
+Several processes: `torchrun --nproc_per_node N -m newllm train --config ...` (also with --resume);
+see docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -25,6 +28,8 @@ def register(sub) -> None:
                         "the exact sequential recurrence or Lagged Cache Training; same as --set mode=...")
     p.add_argument("--data-dir", help="folder holding data/ (default: $NEWLLM_DATA_DIR or ../shared)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard events")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases (same as --set wandb.enabled=true; pip install 'newllm[wandb]')")
     p.add_argument("--force", action="store_true",
                    help="start over in a run_dir that holds a previous run (deletes its checkpoints, final model, "
                         "metrics)")
@@ -36,10 +41,12 @@ def run(args) -> int:
     from newllm.files import dumps_json
     from newllm.train.checkpoint import find_checkpoint, load_trainer_state, run_dir_of
     from newllm.train.config import TrainConfig, apply_overrides, load_config
-    from newllm.train.loop import train
+    from newllm.train.run import train
 
     if args.mode:
         args.overrides = [*args.overrides, f"mode={args.mode}"]
+    if args.wandb:
+        args.overrides = [*args.overrides, "wandb.enabled=true"]
     if args.resume:
         if args.config:
             raise NewLLMError("--resume uses the checkpoint's own config; drop --config (use --set to change fields)")

@@ -47,7 +47,7 @@ def memory_dims(model) -> dict[str, int]:
 
 def receptive_field_of(tcfg, tokenizer) -> int | None:
     """The receptive field of the model a TrainConfig builds (on the meta device: shapes only)."""
-    from newllm.train.loop import build_model
+    from newllm.train.run import build_model
 
     with torch.device("meta"):
         return build_model(tcfg, tokenizer).receptive_field

@@ -62,7 +62,8 @@ class Experiment:
 
     def __init__(self, cfg: ExperimentConfig, data_dir=None):
         from newllm.data.corpora import load_tokens, separator_id
-        from newllm.train.loop import prepare_tokenizer, resolve_device, seed_all
+        from newllm.train.loop import resolve_device, seed_all
+        from newllm.train.run import prepare_tokenizer
 
         self.cfg, self.root = cfg, Path(cfg.run_dir)
         self.data_dir = data_dir or cfg.data.data_dir
@@ -129,7 +130,8 @@ class Experiment:
         model, its trainer and the training part of its results."""
         from newllm.checkpoints.native import save_model
         from newllm.train.checkpoint import find_checkpoint
-        from newllm.train.loop import build_model, seed_all
+        from newllm.train.loop import seed_all
+        from newllm.train.run import build_model
         from newllm.train.tbptt import trainer_class
 
         seed_all(self.cfg.seed)

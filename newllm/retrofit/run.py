@@ -79,7 +79,8 @@ def run_retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: dict | N
     from newllm.data.corpora import find_data_dir, load_tokens, scored_text, separator_id
     from newllm.retrofit.stages import StageTrainer
     from newllm.retrofit.surgery import memory_from_attention
-    from newllm.train.loop import resolve_device, seed_all, _yaml
+    from newllm.train.config import dump_yaml
+    from newllm.train.loop import resolve_device, seed_all
 
     run_dir = Path(cfg.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -96,7 +97,7 @@ def run_retrofit(cfg: RetrofitConfig, resume: bool = False, stop_after: dict | N
     tok_path = Path(cfg.model.tokenizer) if cfg.model.tokenizer else (
         model_path if model_path.is_file() else model_path / "tokenizer.json")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir / "config.yaml", _yaml(cfg.to_dict()))
+    write_text(run_dir / "config.yaml", dump_yaml(cfg.to_dict()))
     seed_all(cfg.seed)
     device = resolve_device(cfg.device)
     tok = load_tokenizer(tok_path)

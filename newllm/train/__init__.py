@@ -4,6 +4,7 @@
     train(load_config("configs/pythia_wikitext2_cpu.yaml", ["max_steps=100"]))
 """
 from newllm.train.config import TrainConfig, apply_overrides, load_config
-from newllm.train.loop import Trainer, TrainingDiverged, train
+from newllm.train.loop import Trainer, TrainingDiverged
+from newllm.train.run import train
 
 __all__ = ["TrainConfig", "Trainer", "TrainingDiverged", "apply_overrides", "load_config", "train"]

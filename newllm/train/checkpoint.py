@@ -19,6 +19,8 @@ pickle code runs from a foreign file). Reading a checkpoint checks every file ag
 `latest` must name a `step-N` folder beside it (a pointer such as `../../other/step-1` is refused),
 and a checkpoint continues in the run folder that holds it (`run_dir_of`).
 Every checkpoint folder is also a loadable model (`newllm eval ppl --model .../step-000500`).
+This is the single-process format; a run on several processes (torchrun) writes the DCP layout of
+newllm/train/distributed.py, which reuses the pieces here (checksums, `latest`, temporaries).
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ def remove_stale_temporaries(ckpt_root: Path) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, state: dict[str, Any], keep: int) -> Path:
-    """Write `ckpt_root/step-N` (model + trainer state + checksums) atomically and point `latest` at it."""
+    """Write `ckpt_root/step-N` (model + trainer state + checksums) atomically and point `latest` at it.
+    (A distributed run writes its own folder layout: newllm/train/distributed.py.)"""
     from newllm.checkpoints.native import save_model
 
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -99,16 +102,26 @@ def save_checkpoint(ckpt_root: Path, step: int, model, state: dict[str, Any], ke
         try:
             save_model(model, tmp, metadata={"step": step, "tokens": state.get("tokens")})
             torch.save({"format": FORMAT, "version": VERSION, **state}, tmp / STATE_FILE)
-            sums = {f: sha256_file(tmp / f) for f in CHECKED_FILES}
-            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+            write_checksums(tmp, CHECKED_FILES)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+    point_latest(ckpt_root, name, keep)
+    return final
+
+
+def write_checksums(folder: Path, files) -> None:
+    """`folder/checksums.json`: the sha256 of each of `files` (paths relative to `folder`)."""
+    sums = {f: sha256_file(folder / f) for f in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=2) + "\n")
+
+
+def point_latest(ckpt_root: Path, name: str, keep: int) -> None:
+    """Rewrite `latest` to name the complete checkpoint folder `name`; keep the newest `keep` folders."""
     write_text(ckpt_root / "latest", name + "\n")
     old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir() and p.name != name)
     for p in old[: max(len(old) - (keep - 1), 0)]:
         shutil.rmtree(p, ignore_errors=True)
-    return final
 
 
 def find_checkpoint(path) -> Path:
@@ -156,8 +169,8 @@ def run_dir_of(folder: Path) -> Path:
     return owning_run(folder)
 
 
-def verify_checksums(folder: Path, name: str) -> None:
-    """Check `folder/name` against `folder/checksums.json` (written by save_checkpoint)."""
+def read_checksums(folder: Path, name: str) -> dict[str, str]:
+    """`folder/checksums.json` (written by save_checkpoint); `name` is the file being verified, for messages."""
     sums_file, f = folder / CHECKSUMS, folder / name
     try:
         sums = json.loads(sums_file.read_text())
@@ -166,8 +179,16 @@ def verify_checksums(folder: Path, name: str) -> None:
                           "wrote, or a damaged one)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NewLLMError(f"{f}: cannot be verified, {sums_file} is not valid JSON ({e})") from None
-    if not isinstance(sums, dict) or not isinstance(sums.get(name), str):
-        raise NewLLMError(f"{f}: cannot be verified, {sums_file} has no checksum for it")
+    if not isinstance(sums, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in sums.items()):
+        raise NewLLMError(f"{f}: cannot be verified, {sums_file} is not a mapping of file names to checksums")
+    return sums
+
+
+def verify_checksums(folder: Path, name: str) -> None:
+    """Check `folder/name` against `folder/checksums.json` (written by save_checkpoint)."""
+    sums = read_checksums(folder, name)
+    if name not in sums:
+        raise NewLLMError(f"{folder / name}: cannot be verified, {folder / CHECKSUMS} has no checksum for it")
     if not (folder / name).is_file():
         raise NewLLMError(f"{folder / name}: missing")
     if sha256_file(folder / name) != sums[name]:
@@ -196,7 +217,10 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
         raise NewLLMError(f"{f}: not a newllm training checkpoint (format {found!r}, expected {FORMAT!r})")
     if state.get("version") != VERSION:
         raise NewLLMError(f"{f}: training-checkpoint version {state.get('version')} is not supported (expected {VERSION})")
-    missing = sorted({"config", "optimizer", "rng", "data", "step", "tokens", "model_fingerprint"} - set(state))
+    required = {"config", "data", "step", "tokens", "model_fingerprint"}
+    if "distributed" not in state:  # a distributed checkpoint keeps these in dcp/ and its rank files
+        required |= {"optimizer", "rng"}
+    missing = sorted(required - set(state))
     if missing:
         raise NewLLMError(f"{f}: training checkpoint lacks {missing}")
     return state

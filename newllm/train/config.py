@@ -32,6 +32,9 @@ AMP_MODES = ("none", "bf16", "fp16")
 #: what `device` may say: auto, cpu, cuda, cuda:N, mps (checked when the recipe is read, not at the first step)
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 NONFINITE_POLICIES = ("stop", "skip")
+#: how the model is spread over the processes when torchrun starts more than one (newllm/train/distributed.py)
+DISTRIBUTED_KINDS = ("ddp", "fsdp")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 @dataclass
@@ -79,6 +82,27 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """The optional Weights & Biases backend of the run's metrics (beside metrics.jsonl and TensorBoard);
+    `wandb` is imported only when `enabled`. The run id is kept in every checkpoint, so a resume
+    continues the same W&B run."""
+
+    enabled: bool = False
+    project: str = "newllm"
+    entity: str | None = None  # None: the API key's default entity
+    name: str | None = None  # None: the run folder's name
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: str | None = None  # "online" | "offline" | "disabled"; None: $WANDB_MODE, else online
+
+    def __post_init__(self):
+        if self.mode is not None and self.mode not in WANDB_MODES:
+            raise NewLLMError(f"wandb: mode must be one of {WANDB_MODES} or null, got {self.mode!r}")
+        if not self.project.strip():
+            raise NewLLMError("wandb: project must be a non-empty name")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=lambda: DataConfig(bpe_vocab_size=8192))
@@ -112,7 +136,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 500  # optimizer steps; 0 = only at the end
     keep_checkpoints: int = 1
-    progress: bool = True  # tqdm bar
+    progress: bool = True  # tqdm bar on a terminal; elsewhere (a log file) a one-line summary every log_every steps
     # how a step computes its loss (newllm/train/lct.py): "parallel" = model(x); "sequential" = the exact
     # recurrence of a recurrent preset (context_pythia) with gradients through it; "lct" = Lagged Cache Training
     mode: str = "parallel"
@@ -121,6 +145,10 @@ class TrainConfig:
     # one contiguous stretch of the stream, one per step, the state (memories, KV caches) carried from
     # window to window detached; 1 = every window from an empty state (the shuffled windows above)
     carry_windows: int = 1
+    # under torchrun with WORLD_SIZE > 1 (docs/distributed.md): "ddp" = DistributedDataParallel (every rank holds
+    # the model); "fsdp" = FSDP2 fully_shard (parameters, gradients and AdamW moments sharded across ranks)
+    distributed: str = "ddp"
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _check_pos("train", seq_len=self.seq_len, batch_size=self.batch_size, grad_accum=self.grad_accum,
@@ -144,6 +172,8 @@ class TrainConfig:
             raise NewLLMError(f"train: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.mode not in MODES:
             raise NewLLMError(f"train: mode must be one of {MODES}, got {self.mode!r}")
+        if self.distributed not in DISTRIBUTED_KINDS:
+            raise NewLLMError(f"train: distributed must be one of {DISTRIBUTED_KINDS}, got {self.distributed!r}")
         check_device("train", self.device)
         _check_pos("train", carry_windows=self.carry_windows)
         if self.carry_windows > 1 and self.mode != "parallel":
@@ -197,6 +227,11 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(d) -> str:
+    """`d` as YAML text, keys in their order (what a run writes as config.yaml)."""
+    return yaml.safe_dump(d, sort_keys=False)
 
 
 def load_yaml(path) -> dict[str, Any]:

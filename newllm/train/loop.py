@@ -10,7 +10,14 @@ One optimizer step::
     clip the global grad norm; set lr(step); AdamW step
 
 `carry_windows` > 1 (truncated BPTT: the state carried across consecutive windows of one stream) is
-`newllm.train.tbptt.StreamTrainer`, which `train()` picks for it.
+`newllm.train.tbptt.StreamTrainer`, which `train()` (newllm/train/run.py: a whole run from a recipe)
+picks for it.
+
+Under torchrun (WORLD_SIZE > 1, newllm/train/distributed.py) the same loop runs on every rank: each
+rank reads its rows of every micro-batch, the step goes through DDP or FSDP2 (`self.net`; gradients
+synced at the last micro-batch only), the loss is averaged across ranks before the non-finite
+check, and the time budget counts the slowest rank, so every decision is the same on every rank.
+Rank 0 alone writes metrics; checkpoints are DCP folders.
 
 `mode: sequential | lct` (recurrent presets such as context_pythia) replaces the two loss lines by
 `newllm.train.lct.step_loss`: the exact recurrence, or Lagged Cache Training with its per-window
@@ -24,8 +31,13 @@ resumed run reads exactly the windows the uninterrupted run would have read. An 
 micro-batch of an epoch is dropped.
 
 Resume. A checkpoint holds the weights, AdamW moments, GradScaler, step, tokens, training seconds,
-RNG states, data position and the config; restoring all of them makes the continued run equal to
-the uninterrupted one (bit-equal on CPU in fp32: tests/train/test_resume.py).
+RNG states, data position, the config and the W&B run id; restoring all of them makes the continued
+run equal to the uninterrupted one (bit-equal on CPU in fp32: tests/train/test_resume.py, and for
+2 processes tests/train/test_distributed.py).
+
+Progress. On a terminal, a tqdm bar (`progress: true`); when stderr is not a terminal (a log file,
+a background job) the bar would be off, so a one-line summary is printed every `log_every` steps
+instead.
 
 Non-finite loss. `on_nonfinite: stop` (default) raises `TrainingDiverged` naming the step, the loss
 and the tokens seen; the last checkpoint stays as it was. `skip` drops that step's update (the step
@@ -50,8 +62,8 @@ import torch
 import torch.nn.functional as F
 
 from newllm.errors import NewLLMError
-from newllm.files import atomic_write, write_json, write_text
 from newllm.train import checkpoint as ckpt
+from newllm.train import distributed
 from newllm.train.config import TrainConfig
 from newllm.train.lct import make_cache, require_context_model, step_loss
 from newllm.train.metrics import MetricsLog
@@ -83,17 +95,30 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_shardable(batch_size: int, world_size: int) -> int:
+    """The rows of a micro-batch each of `world_size` ranks takes (batch_size must divide evenly)."""
+    if batch_size % world_size:
+        raise NewLLMError(f"train: batch_size {batch_size} does not split into {world_size} processes: each rank "
+                          f"takes batch_size / world_size windows of every micro-batch; use a multiple of {world_size}")
+    return batch_size // world_size
+
+
 class WindowSampler:
     """Batches of windows in a shuffled order that depends only on (seed, epoch); see the module doc.
 
     Position (epoch, index): the next batch is windows perm(epoch)[index : index + batch_size].
+    Rank `rank` of `world_size` processes gets its rows [rank b, (rank + 1) b) of that batch
+    (b = batch_size / world_size); the position stays the global one.
     """
 
-    def __init__(self, windows, batch_size: int, seed: int, device=torch.device("cpu")):
+    def __init__(self, windows, batch_size: int, seed: int, device=torch.device("cpu"), rank: int = 0,
+                 world_size: int = 1):
         if len(windows) < batch_size:
             raise NewLLMError(f"training data has {len(windows)} windows of {windows.seq_len} tokens, "
                               f"fewer than batch_size {batch_size}")
         self.windows, self.batch_size, self.seed, self.device = windows, batch_size, seed, device
+        rows = check_shardable(batch_size, world_size)
+        self.rows = slice(rank * rows, (rank + 1) * rows)
         self.epoch, self.index = 0, 0
         self._perm: tuple[int, torch.Tensor] | None = None
 
@@ -107,7 +132,7 @@ class WindowSampler:
             self.epoch, self.index = self.epoch + 1, 0
         if self._perm is None or self._perm[0] != self.epoch:
             self._perm = (self.epoch, torch.randperm(n, generator=epoch_generator(self.seed, self.epoch)))
-        idx = self._perm[1][self.index: self.index + B].tolist()
+        idx = self._perm[1][self.index: self.index + B][self.rows].tolist()
         self.index += B
         self.last_ids = idx  # the windows' indices: LCT keys its hidden-state cache by them
         return torch.stack([self.windows[i] for i in idx]).to(self.device, non_blocking=True)
@@ -122,17 +147,31 @@ class StepResult:
 
 
 class Trainer:
-    """Trains `model` on a 1-D token array; `run()` until the budget, `save()` / `load()` checkpoints."""
+    """Trains `model` on a 1-D token array; `run()` until the budget, `save()` / `load()` checkpoints.
+
+    `self.model` is the model; `self.net` what a step calls (the model, its DDP wrapper, or the model
+    sharded in place by FSDP2 under torchrun); `self.world` this process's rank (newllm.train.distributed)."""
 
     def __init__(self, cfg: TrainConfig, model, train_tokens, valid_tokens=None, run_dir=None):
         from newllm.data.windows import TokenWindows
 
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.world = distributed.current()
+        if self.world.distributed:
+            self.device = distributed.rank_device(cfg.device, self.world.local_rank)
+            if self.device != self.world.device:
+                raise NewLLMError(f"device {cfg.device!r} is {self.device} on rank {self.world.rank}, but the process "
+                                  f"group's backend runs on {self.world.device}")
+            if cfg.mode != "parallel":
+                raise NewLLMError(f"train: mode {cfg.mode!r} runs in one process only (its step calls the model "
+                                  "outside one forward per backward); train it without torchrun")
+        else:
+            self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
         self.windows = TokenWindows(train_tokens, cfg.seq_len + 1, stride=cfg.seq_len)
-        self.sampler = WindowSampler(self.windows, cfg.batch_size, cfg.seed, self.device)
+        self.sampler = WindowSampler(self.windows, cfg.batch_size, cfg.seed, self.device, self.world.rank,
+                                     self.world.world_size)
         # recurrent modes (newllm/train/lct.py), checked before any work; the LCT cache is not checkpointed
         # (a resumed run warms it up again)
         self.lct_cache = None
@@ -140,13 +179,15 @@ class Trainer:
             require_context_model(self.model, cfg.mode)
             self.lct_cache = make_cache(self.model, cfg.lct) if cfg.mode == "lct" else None
         self.valid_tokens = valid_tokens
+        self.net = distributed.wrap(self.model, cfg, self.world)  # before the optimizer: FSDP replaces parameters
         self.optimizer = self.make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
-        self.tokens = 0  # predicted tokens consumed
-        self.elapsed_s = 0.0  # seconds spent in training steps (not eval / checkpoints)
+        self.tokens = 0  # predicted tokens consumed (all ranks together)
+        self.elapsed_s = 0.0  # seconds spent in training steps (not eval / checkpoints); the slowest rank's
         self.skipped = 0
         self.metrics: MetricsLog | None = None
+        self.wandb_run_id: str | None = None  # kept in checkpoints, so a resume continues the same W&B run
 
     def autocast(self):
         if self.cfg.amp == "none":
@@ -168,19 +209,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> StepResult:
-        cfg, model = self.cfg, self.model
-        model.train()
+        cfg = self.cfg
+        self.net.train()
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            loss = self.batch_loss(self.next_batch(), micro)
-            self.scaler.scale(loss / cfg.grad_accum).backward()
+            with distributed.grad_sync(self.net, self.world, sync=micro == cfg.grad_accum - 1):
+                loss = self.batch_loss(self.next_batch(), micro)
+                self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
         step = self.step + 1
-        loss_value = float(total) / cfg.grad_accum
+        loss_value = float(self.world.mean(total)) / cfg.grad_accum  # the same on every rank: one decision
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(distributed.full_value(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         factor = lr_factor(step, budget_progress(cfg, step, self.tokens + cfg.tokens_per_step, self.elapsed_s),
                            cfg.warmup_steps, cfg.min_lr / cfg.lr)
         set_lr(self.optimizer, factor)
@@ -196,8 +238,9 @@ class Trainer:
             if self.skipped > cfg.max_nonfinite_skips:
                 raise TrainingDiverged(f"non-finite {what} at step {step}: {self.skipped} steps skipped, more than "
                                        f"max_nonfinite_skips={cfg.max_nonfinite_skips}")
-            warnings.warn(f"non-finite {what} at step {step}: update skipped ({self.skipped} so far, at most "
-                          f"{cfg.max_nonfinite_skips})")
+            if self.world.is_main:
+                warnings.warn(f"non-finite {what} at step {step}: update skipped ({self.skipped} so far, at most "
+                              f"{cfg.max_nonfinite_skips})")
             self.scaler.update()
         else:
             self.scaler.step(self.optimizer)
@@ -214,11 +257,12 @@ class Trainer:
 
     def batch_loss(self, x: torch.Tensor, micro: int) -> torch.Tensor:
         """The loss of one micro-batch x (B, seq_len + 1): next-token CE in mode parallel (the recurrent
-        modes: `recurrent_loss`). A subclass may compute another loss from the same windows."""
+        modes: `recurrent_loss`). A subclass may compute another loss from the same windows (through
+        `self.net`, so that it also trains under torchrun)."""
         with self.autocast():
             if self.cfg.mode != "parallel":  # sequential / lct: all seq_len + 1 tokens in, seq_len predictions scored
                 return self.recurrent_loss(x, measure=micro == 0)
-            logits = self.model(x[:, :-1]).logits  # (B, T, V)
+            logits = self.net(x[:, :-1]).logits  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 
     def recurrent_loss(self, x: torch.Tensor, measure: bool) -> torch.Tensor:
@@ -252,12 +296,18 @@ class Trainer:
         """Train until the budget is spent (or `stop_after` steps), checkpointing on the way and at the end."""
         from tqdm import tqdm
 
-        cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        cfg, main = self.cfg, self.world.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.metrics is None:
-            self.metrics = MetricsLog(self.run_dir, resume_step=self.step, tensorboard=tensorboard)
-        bar = tqdm(total=self._bar_total(), initial=self.step, disable=None if cfg.progress else True, unit="step",
+            self.metrics = MetricsLog(self.run_dir, resume_step=self.step, tensorboard=tensorboard,
+                                      wandb=cfg.wandb if cfg.wandb.enabled else None, wandb_run_id=self.wandb_run_id,
+                                      config=cfg.to_dict(), write=main)
+            self.wandb_run_id = self.metrics.wandb_run_id
+        show = cfg.progress and main
+        bar = tqdm(total=self._bar_total(), initial=self.step, disable=None if show else True, unit="step",
                    dynamic_ncols=True)
+        lines = show and bar.disable  # not a terminal: one summary line every log_every steps instead of a bar
         last_t, last_tokens, last_ckpt = self.elapsed_s, self.tokens, self.step
         try:
             while not self.done() and (stop_after is None or self.step < stop_after):
@@ -265,7 +315,7 @@ class Trainer:
                 r = self.train_step()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
-                self.elapsed_s += time.perf_counter() - t0
+                self.elapsed_s += self.world.max(time.perf_counter() - t0)  # one clock for all ranks
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.done():
                     dt = self.elapsed_s - last_t
@@ -279,29 +329,45 @@ class Trainer:
                         left = max(60 * cfg.max_minutes - self.elapsed_s, 0)
                         post["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
                     bar.set_postfix(post)
+                    if lines:
+                        print(self.progress_line(r, post), flush=True)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and not self.done():
                     self.validate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
                     last_ckpt = self.step
-            if self.step != last_ckpt or not (self.run_dir / "checkpoints" / "latest").exists():
+            final = self.step != last_ckpt or not (self.run_dir / "checkpoints" / "latest").exists()
+            if self.world.broadcast_int(final):  # rank 0's view of the folder decides for all
                 self.save()
         finally:
             bar.close()
 
+    def progress_line(self, r: StepResult, post: dict[str, str]) -> str:
+        """`step 120/1000 (12%) loss 4.213 lr 5.9e-04 tok/s 2,310 elapsed 0:01:03 [left 4:12]`."""
+        total = self._bar_total()
+        where = f"{self.step}/{total} ({100 * self.step / total:.0f}%)" if total else f"{self.step}"
+        e = int(self.elapsed_s)
+        line = (f"step {where} loss {r.loss:.3f} lr {r.lr:.1e} tok/s {post['tok/s']} "
+                f"elapsed {e // 3600}:{e // 60 % 60:02d}:{e % 60:02d}")
+        if "left" in post:
+            line += f" left {post['left']}"
+        return line + (f" skipped {self.skipped}" if self.skipped else "")
+
     def gate_stats(self) -> dict[str, float]:
         """mean/min/max of every gate a layer declares (`BaseLayer.gates()`), keyed
-        `gate.L{i}.{name}.mean` etc. (`gate.L0.memory.mean`: sigmoid(beta) of layer 0)."""
+        `gate.L{i}.{name}.mean` etc. (`gate.L0.memory.mean`: sigmoid(beta) of layer 0). Under FSDP a
+        gate is gathered first (a collective: every rank computes these)."""
         out = {}
         for i, layer in enumerate(self.model.layers):
             for name, g in layer.gates().items():
-                g = g.detach().float()
+                g = distributed.full_value(g.detach()).float()
                 out.update({f"gate.L{i}.{name}.mean": float(g.mean()), f"gate.L{i}.{name}.min": float(g.min()),
                             f"gate.L{i}.{name}.max": float(g.max())})
         return out
 
     # ------------------------------------------------------------------ evaluation
     def perplexity(self, tokens, text: str | None = None, progress: bool = False):
+        """Sliding-window perplexity of the model (every rank computes it: an FSDP forward needs them all)."""
         from newllm.eval.perplexity import sliding_window_perplexity
 
         e = self.cfg.eval
@@ -317,21 +383,35 @@ class Trainer:
         n = self.cfg.eval.max_tokens
         tokens = self.valid_tokens if n is None else self.valid_tokens[:n]
         t0 = time.perf_counter()
-        res = self.perplexity(tokens)
+        res = self.perplexity(tokens, progress=False)
         self.metrics.log("eval", self.step, split="valid", token_ppl=res.token_ppl, n_tokens=res.n_tokens,
                          nll=res.nll_sum / max(res.n_tokens, 1), eval_s=time.perf_counter() - t0)
         self.metrics.plot()
 
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict[str, Any]:
+        """What a checkpoint holds for the whole run (the same on every rank)."""
         return {"config": self.cfg.to_dict(), "model_fingerprint": self.model.config.fingerprint(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": ckpt.rng_state(), "data": {"epoch": self.epoch, "index": self.index},
-                "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s, "skipped": self.skipped}
+                "scaler": self.scaler.state_dict(), "data": {"epoch": self.epoch, "index": self.index},
+                "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s, "skipped": self.skipped,
+                "tracking": {"wandb_run_id": self.wandb_run_id}}
+
+    def local_state(self) -> dict[str, Any]:
+        """What a checkpoint holds for this rank alone: its RNG states (a subclass adds its own)."""
+        return {"rng": ckpt.rng_state()}
+
+    def load_local_state(self, s: dict[str, Any], where: Path) -> None:
+        """Restore `local_state()` from `s` (read from `where`)."""
+        ckpt.set_rng_state(s["rng"])
 
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.state(),
-                                    keep=self.cfg.keep_checkpoints)
+        root = self.run_dir / "checkpoints"
+        if self.world.distributed:
+            return distributed.save_checkpoint(root, self.step, self.world, self.net, self.model, self.optimizer,
+                                               self.cfg.distributed, self.state(), self.local_state(),
+                                               keep=self.cfg.keep_checkpoints)
+        state = {**self.state(), "optimizer": self.optimizer.state_dict(), **self.local_state()}
+        return ckpt.save_checkpoint(root, self.step, self.model, state, keep=self.cfg.keep_checkpoints)
 
     def load(self, folder) -> None:
         """Restore a checkpoint folder written by `save` (see `checkpoint.find_checkpoint`)."""
@@ -340,166 +420,32 @@ class Trainer:
         if s["model_fingerprint"] != self.model.config.fingerprint():
             raise NewLLMError(f"{folder / ckpt.STATE_FILE}: checkpoint is for a different model "
                               f"(fingerprint {s['model_fingerprint']}, this model {self.model.config.fingerprint()})")
-        ckpt.load_weights(self.model, folder)
-        try:
-            self.optimizer.load_state_dict(s["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise NewLLMError(f"{folder / ckpt.STATE_FILE}: optimizer state does not fit this model ({e})") from None
+        if self.world.distributed:
+            local = distributed.load_checkpoint(folder, s, self.world, self.net, self.optimizer)
+            local_where = folder / distributed.rank_file(self.world.rank)
+        else:
+            if "distributed" in s:
+                n = s["distributed"].get("world_size") if isinstance(s["distributed"], dict) else "several"
+                raise NewLLMError(f"{folder / ckpt.STATE_FILE}: written by {n} processes (torch.distributed."
+                                  f"checkpoint); resume it with torchrun and {n} processes (its weights load anywhere: "
+                                  "the checkpoint folder is a model folder)")
+            ckpt.load_weights(self.model, folder)
+            try:
+                self.optimizer.load_state_dict(s["optimizer"])
+            except (ValueError, KeyError) as e:
+                raise NewLLMError(f"{folder / ckpt.STATE_FILE}: optimizer state does not fit this model ({e})") from None
+            local, local_where = s, folder / ckpt.STATE_FILE
         for g in self.optimizer.param_groups:  # a --set lr/param_groups change on resume takes effect
             g["base_lr"] = self._group_base_lr(g["name"])
         if s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
-        ckpt.set_rng_state(s["rng"])
+        self.load_local_state(local, local_where)
         self.step, self.tokens = int(s["step"]), int(s["tokens"])
         self.elapsed_s, self.skipped = float(s.get("elapsed_s", 0.0)), int(s.get("skipped", 0))
+        self.wandb_run_id = (s.get("tracking") or {}).get("wandb_run_id")
         self.sampler.seek(int(s["data"]["epoch"]), int(s["data"]["index"]))
 
     def _group_base_lr(self, name: str) -> float:
         if name in ("decay", "no_decay"):
             return self.cfg.lr
         return float(self.cfg.param_groups.get(name, {}).get("lr", self.cfg.lr))
-
-
-# ---------------------------------------------------------------------- the whole run
-#: what a run writes into its folder: a fresh run refuses a folder holding any of them (unless forced)
-RUN_OUTPUTS = ("checkpoints", "final", "metrics.jsonl", "results.json", "config.yaml", "tokenizer.json",
-               "loss.png", "tensorboard")
-
-
-def claim_run_dir(run_dir: Path, force: bool = False) -> None:
-    """Make `run_dir` ready for a fresh run. A folder that holds a previous run's outputs is refused
-    (nothing a user made is lost): resume it, choose another run_dir, or pass `force` to start over,
-    which deletes those outputs (only newllm's own names, `RUN_OUTPUTS`) before anything is written."""
-    import shutil
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise NewLLMError(f"run_dir {run_dir}: exists and is not a folder")
-    taken = [n for n in RUN_OUTPUTS if (run_dir / n).exists() or (run_dir / n).is_symlink()]
-    if taken and not force:
-        raise NewLLMError(f"run_dir {run_dir}: holds a previous run ({', '.join(taken)}); continue it with "
-                          f"--resume {run_dir}, choose another run_dir, or pass --force to start over (deletes them)")
-    for n in taken:
-        p = run_dir / n
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def prepare_tokenizer(cfg: TrainConfig, run_dir: Path, data_dir=None, *, resume_from: Path | None):
-    """The run's tokenizer, written to run_dir/tokenizer.json. Resuming (`resume_from`: the run folder
-    the checkpoint belongs to): its tokenizer.json, the one the checkpoint was trained with (built
-    again only if that run stopped before writing it). A fresh run (`resume_from=None`) never reuses
-    a tokenizer.json it finds: it loads the configured file or trains a new BPE."""
-    from newllm.checkpoints import load_tokenizer
-
-    saved = run_dir / "tokenizer.json"
-    if resume_from is not None and (resume_from / "tokenizer.json").exists():
-        tok = load_tokenizer(resume_from / "tokenizer.json")
-        if Path(resume_from).resolve() != run_dir.resolve():
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write(saved, tok.save)
-        return tok
-    if cfg.data.tokenizer is not None:
-        tok = load_tokenizer(cfg.data.tokenizer)
-    else:
-        from newllm.data.bpe import train_bpe
-        from newllm.data.corpora import load_documents
-
-        docs = load_documents(cfg.data.corpus, split=cfg.data.train_split, data_dir=data_dir)
-        tok = train_bpe(docs, cfg.data.bpe_vocab_size, min_frequency=cfg.data.bpe_min_frequency)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write(saved, tok.save)
-    return tok
-
-
-def build_model(cfg: TrainConfig, tokenizer):
-    from newllm.models.presets import create_model
-
-    overrides = dict(cfg.model.overrides)
-    vocab = overrides.setdefault("vocab_size", tokenizer.vocab_size)
-    if vocab < tokenizer.vocab_size:
-        raise NewLLMError(f"model.overrides.vocab_size {vocab} is smaller than the tokenizer's {tokenizer.vocab_size}")
-    if tokenizer.eos_token_id is not None:
-        overrides.setdefault("eos_token_id", tokenizer.eos_token_id)
-    return create_model(cfg.model.preset, **overrides)
-
-
-def train(cfg: TrainConfig, resume=None, data_dir=None, stop_after: int | None = None,
-          tensorboard: bool = True, force: bool = False) -> dict[str, Any]:
-    """Run a recipe end to end: tokenizer, tokens, model, training, final model, final evaluation.
-
-    Returns the final results (also written to RUN_DIR/results.json). `resume` is a run folder or a
-    checkpoint folder; `stop_after` halts after that many steps (with a checkpoint), for tests and
-    for splitting a run into sessions. A fresh run refuses a run_dir that holds a previous run unless
-    `force` (`claim_run_dir`); so does a resume whose run_dir is another run's folder.
-    """
-    from newllm.data.corpora import load_tokens
-    from newllm.train.tbptt import trainer_class
-
-    data_dir = data_dir or cfg.data.data_dir
-    folder = ckpt.find_checkpoint(resume) if resume is not None else None
-    run_dir = Path(cfg.run_dir)
-    source = ckpt.owning_run(folder) if folder is not None else None  # None: a checkpoint outside any run
-    if source is None or source.resolve() != run_dir.resolve():
-        claim_run_dir(run_dir, force)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    seed_all(cfg.seed)
-    tok = prepare_tokenizer(cfg, run_dir, data_dir, resume_from=source)
-    load = dict(tokenizer=tok, data_dir=data_dir, cache_dir=cfg.data.cache_dir)
-    train_tokens = load_tokens(cfg.data.corpus, cfg.data.train_split, **load)
-    valid_tokens = load_tokens(cfg.data.corpus, cfg.data.valid_split, **load) if cfg.eval.every else None
-    seed_all(cfg.seed)  # model init depends on the seed only, not on what tokenizing consumed
-    model = build_model(cfg, tok)
-    trainer = trainer_class(cfg)(cfg, model, train_tokens, valid_tokens, run_dir=run_dir)
-    if folder is not None:
-        trainer.load(folder)
-    write_text(run_dir / "config.yaml", _yaml(cfg.to_dict()))
-    print(f"newllm train: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
-          f"{cfg.tokens_per_step:,} tokens/step, device {trainer.device}, run folder {run_dir}")
-    trainer.run(stop_after=stop_after, tensorboard=tensorboard)
-    if not trainer.done():
-        trainer.metrics.close()
-        return {"step": trainer.step, "stopped_early": True}
-    results = finish(trainer, tok, data_dir)
-    write_json(run_dir / "results.json", results)
-    return results
-
-
-def finish(trainer: Trainer, tok, data_dir=None) -> dict[str, Any]:
-    """Save RUN_DIR/final (model + tokenizer.json) and score every eval.final_splits split in full.
-
-    A final perplexity that is not finite (NaN/Inf weights, an overflow) is loud: a warning naming
-    the split, and `results.json` records null with the reason (newllm.files.dumps_json)."""
-    import warnings
-
-    from newllm.checkpoints.native import save_model
-    from newllm.data.corpora import load_documents, load_tokens
-
-    cfg, run_dir = trainer.cfg, trainer.run_dir
-    final = run_dir / "final"
-    save_model(trainer.model, final, metadata={"step": trainer.step, "tokens": trainer.tokens,
-                                               "train_config": cfg.to_dict()})
-    atomic_write(final / "tokenizer.json", tok.save)
-    results: dict[str, Any] = {"step": trainer.step, "tokens": trainer.tokens, "train_seconds": trainer.elapsed_s,
-                               "train_tokens_per_s": trainer.tokens / max(trainer.elapsed_s, 1e-9),
-                               "parameters": trainer.model.num_parameters(), "skipped_steps": trainer.skipped}
-    for split in cfg.eval.final_splits:
-        tokens = load_tokens(cfg.data.corpus, split, tok, data_dir=data_dir, cache_dir=cfg.data.cache_dir)
-        text = "\n".join(load_documents(cfg.data.corpus, split=split, data_dir=data_dir))
-        res = trainer.perplexity(tokens, text=text, progress=cfg.progress)
-        entry = {k: getattr(res, k) for k in ("token_ppl", "word_ppl", "bits_per_byte", "n_tokens", "n_words",
-                                              "n_bytes", "nll_sum")}
-        if not math.isfinite(res.nll_sum):
-            warnings.warn(f"final evaluation on {split!r}: token PPL {res.token_ppl} is not finite (the model has "
-                          "NaN/Inf weights or overflowed); results.json records null", RuntimeWarning, stacklevel=2)
-        results[split] = entry
-        trainer.metrics.log("final", trainer.step, split=split, **entry)
-    trainer.metrics.plot()
-    trainer.metrics.close()
-    return results
-
-
-def _yaml(d) -> str:
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False)

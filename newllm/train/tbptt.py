@@ -20,7 +20,9 @@ Data order. Epoch e shuffles the chunks with `randperm(n, generator seeded by ha
 block of r steps takes `batch_size x grad_accum` chunks from it, micro-batch m its own
 `batch_size`; the incomplete last block of an epoch is dropped. The position (epoch, index: the
 micro-batches read in this epoch) and the carried states are saved in every checkpoint, so a
-resumed run equals the uninterrupted one.
+resumed run equals the uninterrupted one. Under torchrun rank r reads its rows of every micro-batch
+(`rank`, `world_size`: the same chunks a single process reads, split) and carries their states; a
+distributed checkpoint keeps each rank's carried states in its rank file.
 """
 from __future__ import annotations
 
@@ -32,8 +34,7 @@ import torch.nn.functional as F
 
 from newllm.errors import NewLLMError
 from newllm.models.model import detach_state
-from newllm.train import checkpoint as ckpt
-from newllm.train.loop import Trainer, epoch_generator
+from newllm.train.loop import Trainer, check_shardable, epoch_generator
 
 
 class ChunkSampler:
@@ -41,7 +42,7 @@ class ChunkSampler:
     `last_window` (0: the first window of its chunks, the state starts empty) and `last_micro`."""
 
     def __init__(self, tokens, seq_len: int, windows: int, batch_size: int, grad_accum: int, seed: int,
-                 device=torch.device("cpu")):
+                 device=torch.device("cpu"), rank: int = 0, world_size: int = 1):
         self.tokens = torch.as_tensor(tokens).long() if not isinstance(tokens, torch.Tensor) else tokens.long()
         self.seq_len, self.windows, self.batch_size, self.grad_accum = seq_len, windows, batch_size, grad_accum
         self.seed, self.device = seed, device
@@ -53,6 +54,8 @@ class ChunkSampler:
                               f"tokens, fewer than batch_size x grad_accum = {per_block}; lower carry_windows or "
                               "seq_len, or give more data")
         self.blocks = self.n_chunks // per_block
+        rows = check_shardable(batch_size, world_size)
+        self.rows = slice(rank * rows, (rank + 1) * rows)
         self.epoch, self.index = 0, 0
         self._perm: tuple[int, torch.Tensor] | None = None
         self.last_window, self.last_micro, self.last_ids = 0, 0, []
@@ -69,7 +72,7 @@ class ChunkSampler:
         block, within = divmod(self.index, r * A)
         window, micro = divmod(within, A)
         group = (block * A + micro) * B
-        chunks = self._perm[1][group: group + B].tolist()
+        chunks = self._perm[1][group: group + B][self.rows].tolist()
         self.index += 1
         self.last_window, self.last_micro, self.last_ids = window, micro, chunks
         a = window * self.seq_len
@@ -85,7 +88,7 @@ class StreamTrainer(Trainer):
             raise NewLLMError(f"StreamTrainer: carry_windows must be >= 2, got {cfg.carry_windows} (use Trainer)")
         super().__init__(cfg, model, train_tokens, valid_tokens, run_dir)
         self.sampler = ChunkSampler(train_tokens, cfg.seq_len, cfg.carry_windows, cfg.batch_size, cfg.grad_accum,
-                                    cfg.seed, self.device)
+                                    cfg.seed, self.device, self.world.rank, self.world.world_size)
         self.carried: list[tuple | None] = [None] * cfg.grad_accum  # per micro-batch: the detached state
 
     def batch_loss(self, x: torch.Tensor, micro: int) -> torch.Tensor:
@@ -93,22 +96,22 @@ class StreamTrainer(Trainer):
         (none at a chunk's first window); keeps the new state, detached, for the next window."""
         state = self.carried[micro] if self.sampler.last_window else None
         with self.autocast():
-            out = self.model(x[:, :-1], state=state)
+            out = self.net(x[:, :-1], state=state)
         self.carried[micro] = detach_state(out.state)
         return F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
 
     # ------------------------------------------------------------------ checkpoints: the carried states too
-    def state(self) -> dict[str, Any]:
-        s = super().state()
+    def local_state(self) -> dict[str, Any]:
+        s = super().local_state()
         s["carried"] = [None if st is None else [None if e is None else list(e) for e in st] for st in self.carried]
         return s
 
-    def load(self, folder) -> None:
-        super().load(folder)
-        saved = ckpt.load_trainer_state(Path(folder)).get("carried")
+    def load_local_state(self, s: dict[str, Any], where: Path) -> None:
+        super().load_local_state(s, where)
+        saved = s.get("carried")
         if saved is None or len(saved) != len(self.carried):
-            raise NewLLMError(f"{Path(folder) / ckpt.STATE_FILE}: no carried states for {len(self.carried)} "
-                              "micro-batches (not a carry_windows checkpoint of this config)")
+            raise NewLLMError(f"{where}: no carried states for {len(self.carried)} micro-batches (not a "
+                              "carry_windows checkpoint of this config)")
         types = [layer.state_type for layer in self.model.layers] + list(self.model.extra_state_types)
         self.carried = [None if st is None else tuple(None if e is None else t(*[v.to(self.device) for v in e])
                                                       for t, e in zip(types, st))
