@@ -65,7 +65,9 @@ def expand_state(state: State | None, batch_size: int) -> State | None:
 def detach_state(state: State | None) -> State | None:
     if state is None:
         return None
-    return tuple(_map_state(s, lambda t: t.detach()) for s in state)
+    # a tensor outside any graph is kept as it is: a KV cache that is a view of its preallocated
+    # buffer stays one, so the next call appends in place (newllm.models.layers.attention._append)
+    return tuple(_map_state(s, lambda t: t.detach() if t.requires_grad or t.grad_fn is not None else t) for s in state)
 
 
 class TransformerLM(nn.Module):
@@ -262,21 +264,23 @@ class TransformerLM(nn.Module):
         stops = ([] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int)
                  else list(eos_token_id))
         stop_ids = torch.tensor(stops, dtype=torch.long, device=input_ids.device)
-        out = input_ids
         if max_new_tokens == 0:
-            return out
-        res = self(input_ids, state=self._memory)
+            return input_ids
+        P = input_ids.shape[1]
+        out = input_ids.new_empty((input_ids.shape[0], P + max_new_tokens))  # no copy of the ids per token
+        out[:, :P] = input_ids
+        res = self(input_ids, state=self._memory, logits_to_keep=1)  # the prompt's last position only
         state, logits = res.state, res.logits[:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         for step in range(max_new_tokens):
             nxt = sample_next(logits.float(), do_sample, temperature, top_k, top_p, generator)
             if stops:
-                pad = out[:, -1] if step else torch.full_like(nxt, stops[0])  # a finished row repeats its stop id
+                pad = out[:, P + step - 1] if step else torch.full_like(nxt, stops[0])  # a finished row repeats its stop id
                 nxt = torch.where(done, pad, nxt)
                 done = done | torch.isin(nxt, stop_ids)
-            out = torch.cat((out, nxt[:, None]), dim=1)
+            out[:, P + step] = nxt
             if step + 1 == max_new_tokens or (stops and bool(done.all())):
-                break
+                return out[:, :P + step + 1]
             res = self(nxt[:, None], state=state)
             state, logits = res.state, res.logits[:, -1]
         return out

@@ -17,6 +17,7 @@ across calls alike, and the cache keeps only the last W - 1 (all a future query 
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -43,15 +44,60 @@ class KVCache(NamedTuple):
     pos: torch.Tensor
 
 
+#: buffer -> the end (along the key axis) of what has been written into it. A cache is a view
+#: buf[..., a:b, :] of a preallocated buffer; the next call writes its keys at b.. in place only when
+#: nothing has been written there yet (filled == b), so an old state extended twice (two branches
+#: from one prefix) never sees the other's keys: the second extension copies into a fresh buffer.
+#: Keyed by id(buffer); an entry is dropped when its buffer is freed (weakref.finalize).
+_FILLED: dict[int, int] = {}
+
+
+def _grow(old: torch.Tensor, new: torch.Tensor, spare: int) -> torch.Tensor:
+    """old ++ new along the key axis, in a fresh buffer with room for `spare` more keys; the view of
+    the written part."""
+    n, T = old.shape[-2], new.shape[-2]
+    buf = new.new_empty((*new.shape[:-2], n + T + spare, new.shape[-1]))
+    buf[..., :n, :].copy_(old)
+    buf[..., n:n + T, :].copy_(new)
+    _FILLED[id(buf)] = n + T
+    weakref.finalize(buf, _FILLED.pop, id(buf), None)
+    return buf[..., :n + T, :]
+
+
+def _append(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """old ++ new (keys or values), written in place after `old` when `old` is the written end of a
+    preallocated buffer with room (module-level `_FILLED`), else copied into a buffer with spare room
+    (half as much again, at least 32 keys), so decoding copies the cache O(1) times per token
+    amortised instead of once per token. Under autograd it is a plain concatenation: an in-place
+    write would invalidate the graph of the earlier views."""
+    old = old.to(new.dtype)
+    if torch.is_grad_enabled() and (new.requires_grad or old.requires_grad):
+        return torch.cat((old, new), dim=-2)
+    T = new.shape[-2]
+    base = old._base
+    if (base is not None and id(base) in _FILLED and base.dtype == new.dtype and base.device == new.device
+            and base.dim() == old.dim() and base.shape[:-2] == old.shape[:-2] == new.shape[:-2]
+            and base.shape[-1] == old.shape[-1] == new.shape[-1] and old.stride() == base.stride()):
+        a = (old.storage_offset() - base.storage_offset()) // base.shape[-1]
+        b = a + old.shape[-2]
+        if _FILLED[id(base)] == b and b + T <= base.shape[-2]:
+            base[..., b:b + T, :].copy_(new)
+            _FILLED[id(base)] = b + T
+            return base[..., a:b + T, :]
+    n = old.shape[-2] + T
+    return _grow(old, new, max(n // 2, 32))
+
+
 def extend_kv_cache(
     state: KVCache | None, k: torch.Tensor, v: torch.Tensor, window: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, int, KVCache]:
-    """Prepend the cache to this call's k/v. Returns (k_all, v_all, k_start, new_state)."""
-    if state is None:
+    """Append this call's k/v to the cache (`_append`: in place in a preallocated buffer where
+    nothing else has written). Returns (k_all, v_all, k_start, new_state); the new state is a view
+    of the last keys (all of them, or the last W - 1 with a window), and nothing writes inside it."""
+    if state is None:  # no copy: the first call that continues this state moves it into a buffer
         k_all, v_all, start = k, v, 0
     else:
-        k_all = torch.cat((state.k.to(k.dtype), k), dim=-2)
-        v_all = torch.cat((state.v.to(v.dtype), v), dim=-2)
+        k_all, v_all = _append(state.k, k), _append(state.v, v)
         start = int(state.pos) - state.k.shape[-2]
     pos = start + k_all.shape[-2]
     keep_k, keep_v = k_all, v_all
