@@ -28,7 +28,7 @@ from newllm.config import dataclass_from_dict
 from newllm.errors import NewLLMError
 from newllm.train.lct import MODES, LCTConfig
 
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", "bf16", "fp16", "auto")
 #: what `device` may say: auto, cpu, cuda, cuda:N, mps (checked when the recipe is read, not at the first step)
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -130,7 +130,7 @@ class TrainConfig:
     # groups requested by layers (BaseLayer.param_groups()): {name: {lr: ..., weight_decay: ...}};
     # a requested group missing here gets the base lr and no weight decay
     param_groups: dict[str, dict[str, float]] = field(default_factory=dict)
-    amp: str = "none"  # "none" | "bf16" (autocast) | "fp16" (autocast + GradScaler)
+    amp: str = "none"  # "none" | "bf16" (autocast) | "fp16" (autocast + GradScaler) | "auto" (bf16 where native)
     on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop the step and count it
     max_nonfinite_skips: int = 10  # with "skip": more skipped steps than this stops the run
     log_every: int = 10

@@ -65,6 +65,7 @@ from newllm.errors import NewLLMError
 from newllm.train import checkpoint as ckpt
 from newllm.train import distributed
 from newllm.train.config import TrainConfig
+from newllm.train.hardware import resolve_amp
 from newllm.train.lct import make_cache, require_context_model, step_loss
 from newllm.train.metrics import MetricsLog
 from newllm.train.optim import budget_progress, build_optimizer, lr_factor, set_lr
@@ -181,7 +182,8 @@ class Trainer:
         self.valid_tokens = valid_tokens
         self.net = distributed.wrap(self.model, cfg, self.world)  # before the optimizer: FSDP replaces parameters
         self.optimizer = self.make_optimizer()
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.amp = resolve_amp(cfg.amp, self.device)  # "auto" -> bf16 where the device has native bf16, else none
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
         self.step = 0
         self.tokens = 0  # predicted tokens consumed (all ranks together)
         self.elapsed_s = 0.0  # seconds spent in training steps (not eval / checkpoints); the slowest rank's
@@ -190,9 +192,9 @@ class Trainer:
         self.wandb_run_id: str | None = None  # kept in checkpoints, so a resume continues the same W&B run
 
     def autocast(self):
-        if self.cfg.amp == "none":
+        if self.amp == "none":
             return nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ data
@@ -227,7 +229,7 @@ class Trainer:
                            cfg.warmup_steps, cfg.min_lr / cfg.lr)
         set_lr(self.optimizer, factor)
         skipped = False
-        bad = not math.isfinite(loss_value) or (cfg.amp != "fp16" and not math.isfinite(grad_norm))
+        bad = not math.isfinite(loss_value) or (self.amp != "fp16" and not math.isfinite(grad_norm))
         if bad:
             what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_norm}"
             if cfg.on_nonfinite == "stop":

@@ -22,6 +22,7 @@ from newllm.files import atomic_write, write_json, write_text
 from newllm.train import checkpoint as ckpt
 from newllm.train import distributed
 from newllm.train.config import TrainConfig, dump_yaml
+from newllm.train.hardware import amp_words
 from newllm.train.loop import Trainer, seed_all
 
 #: what a run writes into its folder: a fresh run refuses a folder holding any of them (unless forced)
@@ -136,7 +137,8 @@ def _train(cfg, world, resume, data_dir, stop_after, tensorboard, force) -> dict
         ranks = (f", {world.world_size} processes ({cfg.distributed}, {cfg.batch_size // world.world_size} windows "
                  "per rank per micro-batch)" if world.distributed else "")
         print(f"newllm train: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
-              f"{cfg.tokens_per_step:,} tokens/step, device {trainer.device}{ranks}, run folder {run_dir}", flush=True)
+              f"{cfg.tokens_per_step:,} tokens/step, device {trainer.device}{ranks}, {amp_words(cfg.amp, trainer.amp)}, "
+              f"run folder {run_dir}", flush=True)
     trainer.run(stop_after=stop_after, tensorboard=tensorboard)
     if not trainer.done():
         trainer.metrics.close()
