@@ -61,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16", "auto"])
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +121,7 @@ def main(argv=None):
 
     l_ours, l_hf = ours_step(), hf_step()
     print(f"first-step loss: newllm {l_ours:.6f}  transformers {l_hf:.6f}  |diff| {abs(l_ours - l_hf):.2e}")
-    if abs(l_ours - l_hf) > (1e-4 if args.amp == "none" else 5e-2):
+    if abs(l_ours - l_hf) > (1e-4 if trainer.amp == "none" else 5e-2):
         raise SystemExit("first-step losses differ: the two models are not the same; no timing reported")
     for _ in range(args.warmup - 1):
         ours_step(), hf_step()
@@ -148,6 +148,15 @@ def main(argv=None):
     for k, t in best.items():
         print(f"{k:>13}: {ntok / t:10.0f} tokens/s  (best of {args.rounds} rounds of {args.steps} steps)")
     print(f"ratio newllm / transformers: {best['transformers'] / best['newllm']:.2f}x")
+    if dev.type == "cpu":  # MFU: 6 N tokens/s over the measured matmul peak of the dtype in use
+        from bench_amp import matmul_peak
+
+        used = trainer.amp
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(used, torch.float32)
+        peak = matmul_peak(dtype)
+        for k, t in best.items():
+            print(f"{k:>13}: MFU {6 * n_params * ntok / t / (peak * 1e9):.1%} of the measured {dtype} matmul peak "
+                  f"({peak:.0f} GFLOP/s)")
 
 
 if __name__ == "__main__":

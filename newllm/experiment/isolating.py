@@ -226,8 +226,26 @@ class Isolating:
                 break
         return out
 
+    def gate_history(self) -> dict[str, Any]:
+        """Each memory model's gates over its training (the mean of every `gate.L{i}.NAME.mean` the
+        Trainer logged): {key: {"steps": [...], "L0.memory": [...], ...}}."""
+        from newllm.train.metrics import read_records
+
+        out: dict[str, Any] = {}
+        for key, preset, _ in self.entries:
+            path = self.exp.root / "isolating" / key / "metrics.jsonl"
+            if not has_memory_layer(preset) or not path.exists():
+                continue
+            recs = [r for r in read_records(path) if r.get("kind") == "train"]
+            names = sorted({k[len("gate."):-len(".mean")] for r in recs for k in r
+                            if k.startswith("gate.") and k.endswith(".mean")})
+            if names:
+                out[key] = {"steps": [r["step"] for r in recs],
+                            **{n: [r.get(f"gate.{n}.mean") for r in recs] for n in names}}
+        return out
+
     def summary(self) -> dict[str, Any]:
-        return {"versus_window": self.versus_window(), "receptive_field": self.R, "window": self.iso.window, "segment_length": self.S,
+        return {"versus_window": self.versus_window(), "gate_history": self.gate_history(), "receptive_field": self.R, "window": self.iso.window, "segment_length": self.S,
                 "seq_len": self.seq_len, "segments_per_window": self.iso.segments_per_window,
                 "carry_windows": self.iso.carry_windows, "train_tokens": int(len(self.stream)),
                 "receptive_fields": self.fields, "memory_layers": {k: has_memory_layer(p) for k, p, _ in self.entries},

@@ -158,7 +158,8 @@ def report_markdown(summary: dict[str, Any], figures: list[str] = ()) -> str:
         out += isolating_markdown(summary["isolating"])
     titles = {"loss_curves.png": "Training loss", "loss_by_position.png": "Loss by token position",
               "passkey_heatmap.png": "Passkey accuracy", "gates.png": "Memory gates",
-              "isolating_passkey.png": "Passkey past the receptive field: training distance x test distance"}
+              "isolating_passkey.png": "Passkey past the receptive field: training distance x test distance",
+              "isolating_gates.png": "Isolating: the memory gates over training"}
     for png in figures:
         out += [f"![{titles.get(png, png)}]({png})", ""]
     out += ["Everything above is measured in this run; `results.json` holds every number (per-position losses, "
@@ -218,14 +219,23 @@ def isolating_markdown(iso: dict[str, Any]) -> list[str]:
 
 
 def isolating_diagnosis(iso: dict[str, Any]) -> list[str]:
-    """Why a memory did or did not carry the pairs: what it reads at the answers, and the capacity sweep."""
+    """Why a memory did or did not carry the pairs: its gates over training, what it reads at the
+    answers, and the capacity sweep."""
     out = []
+    history = iso.get("gate_history") or {}
+    if history:
+        out = ["### Diagnosis: the gates over training, what each memory layer reads, how many pairs it holds", ""]
+        for key, h in history.items():
+            moves = ", ".join(f"{n} {v[0]:.2f} -> {v[-1]:.2f}" for n, v in h.items()
+                              if n != "steps" and v and v[0] is not None and v[-1] is not None)
+            out += [f"- `{key}`, gates (mean over heads; sigmoid beta = the memory's share) from step {h['steps'][0]} "
+                    f"to {h['steps'][-1]}: {moves}."]
     for key, r in iso["models"].items():
         rc = r.get("iso_recall") or {}
         if not rc.get("read_norms"):
             continue
         if not out:
-            out = ["### Diagnosis: what each memory layer reads, and how many pairs it holds", ""]
+            out = ["### Diagnosis: the gates over training, what each memory layer reads, how many pairs it holds", ""]
         norms = ", ".join(f"{layer} {v['memory_read_rms']:.3g} / {v['local_rms']:.3g} (gate {v['gate_mean']:.2f})"
                           for layer, v in rc["read_norms"].items())
         out += [f"- `{key}`: RMS of the memory read / of the local attention at the answer positions: {norms}."]
@@ -356,6 +366,26 @@ def plot_gates(models: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_isolating_gates(iso: dict[str, Any] | None, path: Path) -> bool:
+    """The memory gates of every isolating memory model over its training, one panel per model."""
+    history = (iso or {}).get("gate_history") or {}
+    if not history:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(history), figsize=(4.2 * len(history), 3.2), squeeze=False)
+    for ax, (key, h) in zip(axes[0], history.items()):
+        for name, values in h.items():
+            if name != "steps":
+                ax.plot(h["steps"], values, label=name)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("gate (mean over heads)")
+        ax.set_title(key, fontsize=9)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
 def plot_isolating_passkey(iso: dict[str, Any] | None, path: Path) -> bool:
     """Heat map per model: passkey accuracy by training distance (rows) x test distance (columns)."""
     have = {k: r["iso_passkey"] for k, r in ((iso or {}).get("models") or {}).items() if r.get("iso_passkey")}
@@ -391,5 +421,6 @@ def write_report(summary: dict[str, Any], root) -> None:
                                                            summary["data"]["seq_len"]),
              "passkey_heatmap.png": plot_passkey(models, root / "passkey_heatmap.png"),
              "gates.png": plot_gates(models, root / "gates.png"),
-             "isolating_passkey.png": plot_isolating_passkey(summary.get("isolating"), root / "isolating_passkey.png")}
+             "isolating_passkey.png": plot_isolating_passkey(summary.get("isolating"), root / "isolating_passkey.png"),
+             "isolating_gates.png": plot_isolating_gates(summary.get("isolating"), root / "isolating_gates.png")}
     write_text(root / "report.md", report_markdown(summary, [k for k, ok in drawn.items() if ok]))

@@ -291,6 +291,9 @@ def test_isolating_setting_end_to_end(tmp_path, corpus):
     report = (root / "report.md").read_text()
     assert "## Isolating" in report and all(f"| `{k}` |" in report for k in models)
     assert "(vs `pythia`)" in report and "### Diagnosis" in report and "d = 32 here" in report
+    gates = res["gate_history"]["infini_all"]  # the gates over training, from its metrics
+    assert gates["steps"] == [1, 2, 3] and set(gates) == {"steps", "L0.memory", "L1.memory"}
+    assert "`infini_all`, gates" in report and (root / "isolating_gates.png").stat().st_size > 1000
     assert (root / "isolating_passkey.png").stat().st_size > 1000
     assert (root / "isolating" / "infini_all" / "evals" / "iso_position.json").exists()
 
