@@ -1,5 +1,6 @@
 """`newllm eval TASK ...`: evaluations, one sub-subcommand each: `ppl` (this module), `reversal`
-(eval_reversal.py), `passkey` (eval_passkey.py), `recall` and `position` (eval_memory.py).
+(eval_reversal.py), `passkey` (eval_passkey.py), `recall` and `position` (eval_memory.py), `harness`
+(eval_harness.py: lm-evaluation-harness).
 
 A new task is a function ``register_<task>(tasks)`` that adds a parser to `tasks` with
 ``set_defaults(func=...)``, listed in `TASKS`.
@@ -10,6 +11,7 @@ import math
 import sys
 import time
 
+from newllm.cli.eval_harness import register_harness
 from newllm.cli.eval_memory import register_position, register_recall
 from newllm.cli.eval_passkey import register_passkey
 from newllm.cli.eval_reversal import register_reversal
@@ -18,7 +20,7 @@ from newllm.cli.eval_reversal import register_reversal
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model (ppl: sliding-window perplexity; reversal: the Reversal Curse; "
                                     "passkey: passkey retrieval; recall, position: what a memory carries "
-                                    "past the receptive field)")
+                                    "past the receptive field; harness: lm-evaluation-harness)")
     tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
     for reg in TASKS:
         reg(tasks)
@@ -96,4 +98,4 @@ NONFINITE = ("the perplexity is not finite: some scored token had a NaN or infin
              "NaN/Inf weights, or its activations overflowed)")
 
 
-TASKS = [register_ppl, register_reversal, register_passkey, register_recall, register_position]
+TASKS = [register_ppl, register_reversal, register_passkey, register_recall, register_position, register_harness]
