@@ -64,11 +64,9 @@ def build_param_groups(model: nn.Module, lr: float, weight_decay: float,
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     groups = build_param_groups(model, cfg.lr, cfg.weight_decay, cfg.param_groups)
-    # the fused kernel (one pass over each parameter for the moments and the update, CUDA and CPU);
-    # FSDP2's sharded DTensor parameters take the foreach path
-    sharded = getattr(cfg, "distributed", None) == "fsdp"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             **({"foreach": True} if sharded else {"fused": True}))
+    # the fused kernel: one pass over each parameter for both moments and the update (CUDA and CPU;
+    # FSDP2's sharded DTensor parameters too)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=True)
 
 
 def lr_factor(step: int, progress: float, warmup_steps: int, min_ratio: float) -> float:
