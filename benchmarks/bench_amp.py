@@ -8,7 +8,8 @@ What it prints, all measured in this process:
   * the matmul peak of each dtype: GFLOP/s of a 2048^3 matmul, best of a few (fp32, and bf16);
   * training tokens/s of the `pythia` preset with amp none (fp32) and with amp auto, in alternating
     rounds (so load from other jobs hits both alike), the ratio auto / fp32, and each one's MFU:
-    6 x parameters x tokens/s over the measured matmul peak of the dtype in use;
+    6 x N x tokens/s over the measured matmul peak of the dtype in use (N: the parameters in
+    matmuls, all but the untied input embedding, which is a lookup);
   * with --curve N: N training steps of each from the same weights and batches, the largest gap
     between their 20-step mean losses, and (--plot) both curves.
 Real text: tiny-shakespeare through the GPT-NeoX tokenizer (../shared/tokenizers). Nothing is asserted.
@@ -52,6 +53,14 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def matmul_params(model) -> int:
+    """Parameters that take part in a matmul per token: all but an untied input embedding (a lookup),
+    the N of MFU = 6 N tokens/s / peak."""
+    n = model.num_parameters()
+    emb, head = model.embed.weight, getattr(model.lm_head, "weight", None)
+    return n if head is emb else n - emb.numel()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="d 256, 4 layers instead of Pythia-70m's sizes")
@@ -92,7 +101,7 @@ def main(argv=None):
         return Trainer(cfg, model, tokens)
 
     runs = {"none": trainer("none"), "auto": trainer("auto")}
-    n_params = runs["none"].model.num_parameters()
+    n_params = matmul_params(runs["none"].model)
     for t in runs.values():
         t.train_step()  # warm-up
     best = {k: float("inf") for k in runs}
@@ -103,7 +112,8 @@ def main(argv=None):
                 t.train_step()
             best[k] = min(best[k], time.perf_counter() - t0)
     ntok = args.steps * args.batch * args.seq
-    print(f"\n`pythia` preset{' (small)' if args.small else ''}: {n_params / 1e6:.1f}M parameters, "
+    print(f"\n`pythia` preset{' (small)' if args.small else ''}: {runs['none'].model.num_parameters() / 1e6:.1f}M "
+          f"parameters ({n_params / 1e6:.1f}M in matmuls: the N of MFU), "
           f"{args.batch} x {args.seq} tokens per step, best of {args.rounds} rounds of {args.steps} steps")
     for k, t in best.items():
         used = runs[k].amp

@@ -149,13 +149,13 @@ def main(argv=None):
         print(f"{k:>13}: {ntok / t:10.0f} tokens/s  (best of {args.rounds} rounds of {args.steps} steps)")
     print(f"ratio newllm / transformers: {best['transformers'] / best['newllm']:.2f}x")
     if dev.type == "cpu":  # MFU: 6 N tokens/s over the measured matmul peak of the dtype in use
-        from bench_amp import matmul_peak
+        from bench_amp import matmul_params, matmul_peak
 
         used = trainer.amp
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(used, torch.float32)
         peak = matmul_peak(dtype)
         for k, t in best.items():
-            print(f"{k:>13}: MFU {6 * n_params * ntok / t / (peak * 1e9):.1%} of the measured {dtype} matmul peak "
+            print(f"{k:>13}: MFU {6 * matmul_params(ours) * ntok / t / (peak * 1e9):.1%} of the measured {dtype} matmul peak "
                   f"({peak:.0f} GFLOP/s)")
 
 
