@@ -110,4 +110,9 @@ def finetune_slice(model, it, steps, lr, groups, opt_state):
 
 
 if __name__ == "__main__":
-    main()
+    from newllm.errors import NewLLMError
+
+    try:
+        main()
+    except NewLLMError as e:  # bad input: one line, no traceback
+        raise SystemExit(f"isolating_recall_curve: {e}") from None
