@@ -33,6 +33,9 @@ def find_tokenizer(model_path: str, explicit: str | None) -> str:
         return str(p)
     if (p / "tokenizer.json").exists():
         return str(p / "tokenizer.json")
+    if not p.exists():  # a preset name, or a path that is not there
+        raise NewLLMError(f"{model_path}: no such model file or folder (a preset name needs a tokenizer); "
+                          "pass --tokenizer, or check the path")
     raise NewLLMError(f"{model_path}: no tokenizer.json in the model folder; pass --tokenizer")
 
 
