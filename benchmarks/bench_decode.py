@@ -84,6 +84,22 @@ def decode_hf(model, prompt, n):
     return torch.cat(out, 1), times
 
 
+@torch.no_grad()
+def linear_floor(model, repeats: int) -> float:
+    """Seconds for every nn.Linear of `model` applied once to a single token's input (the decode step's
+    matmuls, which read each weight once), the best of `repeats` rounds of 20."""
+    mats = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(1, 1, m.in_features) for m in mats]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            for m, x in zip(mats, xs):
+                m(x)
+        best = min(best, (time.perf_counter() - t0) / 20)
+    return best
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["llama", "smollm2"], default="llama")
@@ -91,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--text", type=Path, default=SHARED / "data" / "tinyshakespeare" / "input.txt")
     ap.add_argument("--positions", type=int, nargs="+", default=[256, 4096])
     ap.add_argument("--tokens", type=int, default=32, help="tokens decoded at each position")
-    ap.add_argument("--repeats", type=int, default=3, help="best of this many decodes per position")
+    ap.add_argument("--repeats", type=int, default=5, help="best of this many decodes per position (alternating)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -117,18 +133,24 @@ def main(argv=None):
     base = {}
     for P in args.positions:
         prompt = ids[:, :P]
-        best = {}
-        for name, fn, model in (("ours", decode_ours, ours), ("hf", decode_hf, ref)):
-            runs = [fn(model, prompt, args.tokens) for _ in range(args.repeats)]
-            best[name] = (runs[0][0], min(sum(t) for _, t in runs) / args.tokens)
+        runs = {"ours": [], "hf": []}
+        for _ in range(args.repeats):  # alternating rounds: both sides see the same background load
+            for name, fn, model in (("ours", decode_ours, ours), ("hf", decode_hf, ref)):
+                runs[name].append(fn(model, prompt, args.tokens))
+        best = {name: (r[0][0], min(sum(t) for _, t in r) / args.tokens) for name, r in runs.items()}
         if not torch.equal(best["ours"][0], best["hf"][0]):
             raise SystemExit(f"position {P}: the greedy tokens differ; not timing a wrong model")
         t_ours, t_hf = best["ours"][1], best["hf"][1]
         base.setdefault("ours", t_ours)
         base.setdefault("hf", t_hf)
+        base.setdefault("hf_by_position", {})[P] = t_hf
         print(f"{P:>9}{1 / t_ours:>14.1f}{1 / t_hf:>14.1f}{t_hf / t_ours:>9.2f}x"
               f"{t_ours / base['ours']:>12.2f}x{t_hf / base['hf']:>10.2f}x")
+    floor = linear_floor(ours, args.repeats)
     print("\nspeed-up = transformers' per-token time / newllm's; growth = per-token time / that at the first position")
+    print(f"the linear layers alone (every weight matrix once on one token, LM head included, the same kernel on "
+          f"both sides): {floor * 1e3:.2f} ms per token; a step can be no faster, so the speed-up is at most "
+          + ", ".join(f"{hf_t / floor:.2f}x at {P}" for P, hf_t in base["hf_by_position"].items()))
 
 
 if __name__ == "__main__":

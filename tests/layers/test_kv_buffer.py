@@ -74,3 +74,42 @@ def test_under_autograd_the_cache_is_concatenated_and_gradients_flow():
     out = model(ids[:, 8:], state=s, labels=ids[:, 8:])
     out.loss.backward()  # an in-place write into s's buffer would fail here (a modified saved view)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_windowed_streaming_keeps_one_buffer_once_the_window_is_full():
+    """With a window, a full buffer's kept keys move to its front (nothing else views it): chunks of 5
+    with a window of 8 run in one buffer from the moment the window is full, exactly (before this,
+    a full buffer moved into a new one, and the old and new were held at once)."""
+    model = tiny("pythia", sliding_window=8)
+    ids = torch.randint(0, 64, (1, 200))
+    with torch.no_grad():
+        full = model(ids).logits
+        state, steps, ptrs = None, [], []
+        for t in range(0, 200, 5):
+            res = model(ids[:, t:t + 5], state=state)
+            state = res.state
+            steps.append(res.logits)
+            ptrs.append(state[0].k.untyped_storage().data_ptr())
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5, rtol=0)
+    assert len(set(ptrs[3:])) == 1  # 40 calls, one buffer after the first few
+    # at most max(2 (keep + T), keep + T + 32) keys (the spare is at least 32 keys); 4 heads x Dh 8 fp32
+    keys = state[0].k.untyped_storage().nbytes() // (4 * 8 * 4)
+    assert keys <= max(2 * (7 + 5), 7 + 5 + 32)
+
+
+def test_a_held_windowed_state_is_never_written_by_the_front_move():
+    """A state someone still holds views the buffer, so the front move is refused (a fresh buffer):
+    the held state keeps its values, and continuing from it later is still exact."""
+    model = tiny("pythia", sliding_window=8)
+    ids = torch.randint(0, 64, (1, 120))
+    with torch.no_grad():
+        state = None
+        for t in range(0, 40, 5):
+            state = model(ids[:, t:t + 5], state=state).state
+        held, held_k = state, state[0].k.clone()
+        for t in range(40, 120, 5):
+            state = model(ids[:, t:t + 5], state=state).state
+        again = model(ids[:, 40:45], state=held).logits
+        ref = model(ids[:, :45]).logits[:, 40:]
+    assert torch.equal(held[0].k, held_k)
+    assert torch.allclose(again, ref, atol=1e-5, rtol=0)

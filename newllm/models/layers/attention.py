@@ -44,12 +44,14 @@ class KVCache(NamedTuple):
     pos: torch.Tensor
 
 
-#: buffer -> the end (along the key axis) of what has been written into it. A cache is a view
-#: buf[..., a:b, :] of a preallocated buffer; the next call writes its keys at b.. in place only when
-#: nothing has been written there yet (filled == b), so an old state extended twice (two branches
-#: from one prefix) never sees the other's keys: the second extension copies into a fresh buffer.
-#: Keyed by id(buffer); an entry is dropped when its buffer is freed (weakref.finalize).
-_FILLED: dict[int, int] = {}
+#: buffer -> [end of the keys the newest view holds, end of everything ever written into it] along the
+#: key axis. A cache is a view buf[..., a:b, :] of a preallocated buffer; the next call writes its keys
+#: at b.. in place only when nothing has been written there yet (b is the newest end and the
+#: high-water mark), so an old state extended twice (two branches from one prefix) never sees the
+#: other's keys: the second extension copies into a fresh buffer. Below the high-water mark (after a
+#: windowed cache moved its keys to the front) a write also needs that no tensor but the state being
+#: extended views the buffer. Keyed by id(buffer); dropped when its buffer is freed (weakref.finalize).
+_FILLED: dict[int, list[int]] = {}
 
 
 def _grow(old: torch.Tensor, new: torch.Tensor, spare: int) -> torch.Tensor:
@@ -59,17 +61,29 @@ def _grow(old: torch.Tensor, new: torch.Tensor, spare: int) -> torch.Tensor:
     buf = new.new_empty((*new.shape[:-2], n + T + spare, new.shape[-1]))
     buf[..., :n, :].copy_(old)
     buf[..., n:n + T, :].copy_(new)
-    _FILLED[id(buf)] = n + T
+    _FILLED[id(buf)] = [n + T, n + T]
     weakref.finalize(buf, _FILLED.pop, id(buf), None)
     return buf[..., :n + T, :]
 
 
-def _append(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+def _views_of(t: torch.Tensor) -> int:
+    """How many tensors share t's storage (the storage's use count; reading it adds one reference)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata) - 1
+
+
+def _append(old: torch.Tensor, new: torch.Tensor, keep: int | None = None) -> torch.Tensor:
     """old ++ new (keys or values), written in place after `old` when `old` is the written end of a
     preallocated buffer with room (module-level `_FILLED`), else copied into a buffer with spare room
     (half as much again, at least 32 keys), so decoding copies the cache O(1) times per token
     amortised instead of once per token. Under autograd it is a plain concatenation: an in-place
-    write would invalidate the graph of the earlier views."""
+    write would invalidate the graph of the earlier views.
+
+    With a sliding window (`keep` = W - 1, the keys a state holds), once the window is full the next
+    buffer has room for 2 (keep + T) keys, and when that is full the kept keys move to its front
+    instead of into a new buffer, but only when no tensor but `old` views the buffer (its storage's
+    use count: the buffer and `old`), so no state anyone holds is written; `old` itself lies behind
+    the region written. The buffer then stays one size however long the stream, and streaming with
+    a window never holds an old and a new buffer at once."""
     old = old.to(new.dtype)
     if torch.is_grad_enabled() and (new.requires_grad or old.requires_grad):
         return torch.cat((old, new), dim=-2)
@@ -80,12 +94,22 @@ def _append(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             and base.shape[-1] == old.shape[-1] == new.shape[-1] and old.stride() == base.stride()):
         a = (old.storage_offset() - base.storage_offset()) // base.shape[-1]
         b = a + old.shape[-2]
-        if _FILLED[id(base)] == b and b + T <= base.shape[-2]:
+        filled = _FILLED[id(base)]
+        if filled[0] == b and b + T <= base.shape[-2] and (b >= filled[1] or _views_of(old) == 2):
             base[..., b:b + T, :].copy_(new)
-            _FILLED[id(base)] = b + T
+            filled[0], filled[1] = b + T, max(filled[1], b + T)
             return base[..., a:b + T, :]
+        n = old.shape[-2] + T
+        if keep is not None and old.shape[-2] <= keep and n <= a and _views_of(old) == 2:
+            base[..., :n - T, :].copy_(old)  # the front [0, n) lies before old's [a, b): old is not written
+            base[..., n - T:n, :].copy_(new)
+            filled[0] = n  # the high-water mark stays: what lies above n may still be viewed (by old)
+            return base[..., :n, :]
     n = old.shape[-2] + T
-    return _grow(old, new, max(n // 2, 32))
+    spare = max(n // 2, 32)
+    if keep is not None and old.shape[-2] >= keep:  # a full window: room for the front move above, 2 (keep + T)
+        spare = max(spare, 2 * (keep + T) - n)
+    return _grow(old, new, spare)
 
 
 def extend_kv_cache(
@@ -97,7 +121,8 @@ def extend_kv_cache(
     if state is None:  # no copy: the first call that continues this state moves it into a buffer
         k_all, v_all, start = k, v, 0
     else:
-        k_all, v_all = _append(state.k, k), _append(state.v, v)
+        keep = None if window is None else max(window - 1, 0)
+        k_all, v_all = _append(state.k, k, keep), _append(state.v, v, keep)
         start = int(state.pos) - state.k.shape[-2]
     pos = start + k_all.shape[-2]
     keep_k, keep_v = k_all, v_all
