@@ -7,23 +7,29 @@
 speed: forward+backward of one layer (hidden 512, Pythia-70m sizes, batch 1) at each T; prints
 seconds and the ratio infini / pythia (goals: <= 1.0 at T = 2048, <= 0.3 at T = 16384). Pythia's
 cost grows like T^2 (full causal softmax attention), Infini's like T (segment-local attention plus
-a fixed-size memory).
+a fixed-size memory). Beside them: the Infini layer with its memory off, and the dense matmuls both
+layers share (projections and MLP), whose ratio to Pythia is the floor no mixer can go under.
 
 stream: feeds N tokens through the whole `infini` preset in chunks, carrying the state, in a fresh
 subprocess per N, and prints the peak resident memory added by streaming (the process's peak RSS
 during the stream minus its RSS before it; Linux /proc) and the bytes held in the carried state. The Pythia layers of the
 preset keep KV caches, which grow with the stream; they are bounded here with the `sliding_window`
 override (Pythia layers attend to the last W tokens; the Infini layer needs nothing: its state is
-fixed-size by construction). The ratio peak(64K) / peak(4K) is the figure (goal <= 1.2).
+fixed-size by construction). The ratio peak(64K) / peak(4K) is the figure (goal <= 1.1).
 Each worker first streams `--warmup-chunks` chunks (from a fresh state, discarded): glibc keeps
 freed activation blocks in its heap and its peak creeps up by some 40-70 MiB over the first dozen
-calls whatever the stream length (heap fragmentation, not tensors the model holds). The state
+calls whatever the stream length (heap fragmentation, not tensors the model holds). The workers
+also run with glibc's mmap threshold fixed at `--mmap-threshold` bytes (MALLOC_MMAP_THRESHOLD_;
+0: glibc's default, a threshold that rises to the largest block freed so far, up to 32 MiB): with
+the default, whether a freed 10-30 MiB block goes back to the system depends on what was freed
+before it, and the same stream measured 216 or 363 MiB from one run to the next. The state
 bytes, printed beside, are the exact count of what is carried.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,16 +45,38 @@ def speed(args):
     d, h, ff = args.hidden, args.heads, 4 * args.hidden
     print(f"forward+backward, hidden {d}, {h} heads, batch {args.batch}, segment {args.segment_length}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'T':>7s} {'pythia s':>10s} {'infini s':>10s} {'infini/pythia':>14s}")
+    print("memory off: the same InfiniLayer with use_memory=False (block + segment-local attention, no memory);\n"
+          "dense: the block's projections and MLP alone (x @ W for every weight matrix, forward+backward),\n"
+          "the part both layers share; dense / pythia is the floor of infini / pythia")
+    print(f"{'T':>7s} {'pythia s':>10s} {'infini s':>10s} {'mem off s':>10s} {'dense s':>9s} "
+          f"{'infini/pythia':>14s} {'mem off/pythia':>15s} {'dense/pythia':>13s}")
     for T in args.tokens:
         torch.manual_seed(0)
         pythia = PythiaLayer(d, h, ff)
         infini = InfiniLayer(d, h, ff, segment_length=args.segment_length)
+        off = InfiniLayer(d, h, ff, segment_length=args.segment_length, use_memory=False)
         x = torch.randn(args.batch, T, d, requires_grad=True)
         reps = args.repeats if T <= 4096 else 1
         tp = best_time(fwd_bwd(pythia, x), reps)
         ti = best_time(fwd_bwd(infini, x), reps)
-        print(f"{T:7d} {tp:10.3f} {ti:10.3f} {ti / tp:13.2f}x", flush=True)
+        to = best_time(fwd_bwd(off, x), reps)
+        td = best_time(dense_step(infini, x), reps)
+        print(f"{T:7d} {tp:10.3f} {ti:10.3f} {to:10.3f} {td:9.3f} {ti / tp:13.2f}x {to / tp:14.2f}x {td / tp:12.2f}x",
+              flush=True)
+
+
+def dense_step(layer, x):
+    """Forward+backward of every 2-D weight of `layer` applied to x alone (the matmuls a block does
+    whatever its mixer: q/k/v/o and the MLP), with their biases."""
+    mats = [(m.weight, m.bias) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+    def step():
+        total = 0.0
+        for w, b in mats:
+            inp = x if w.shape[1] == x.shape[-1] else x.new_ones(*x.shape[:-1], w.shape[1]).requires_grad_()
+            total = total + torch.nn.functional.linear(inp, w, b).square().mean()
+        total.backward()
+    return step
 
 
 def _status_kib(field: str) -> int:
@@ -89,13 +117,17 @@ def stream_worker(tokens: int, chunk: int, window: int | None, warmup_chunks: in
 def stream(args):
     w = None if args.window <= 0 else args.window
     print(f"streaming the 'infini' preset in chunks of {args.chunk}, Pythia layers with sliding_window={w}, "
-          f"after {args.warmup_chunks} warm-up chunks")
+          f"after {args.warmup_chunks} warm-up chunks, glibc mmap threshold "
+          f"{args.mmap_threshold if args.mmap_threshold > 0 else 'default (dynamic)'}")
     rows = []
     for n in args.stream_tokens:
         cmd = [sys.executable, __file__, "--stream-worker", str(n), "--chunk", str(args.chunk),
                "--window", str(args.window), "--warmup-chunks", str(args.warmup_chunks)]
+        env = dict(os.environ)
+        if args.mmap_threshold > 0:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
         t0 = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
         r = json.loads(out)
         r["seconds"] = time.perf_counter() - t0
         rows.append(r)
@@ -120,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=1024, help="tokens per call when streaming")
     ap.add_argument("--window", type=int, default=2048, help="Pythia layers' sliding window (<= 0: none)")
     ap.add_argument("--warmup-chunks", type=int, default=12, help="chunks streamed (and discarded) before measuring")
+    ap.add_argument("--mmap-threshold", type=int, default=1 << 20,
+                    help="glibc MALLOC_MMAP_THRESHOLD_ of the workers in bytes (0: glibc's dynamic default)")
     ap.add_argument("--stream-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.stream_worker is not None:

@@ -5,7 +5,8 @@ the same order with the same optimizer, for the same number of epochs:
 
 * sequential: the exact recurrence, token by token, gradients through it (the baseline);
 * lct-k: LCT with k refresh sweeps (k = 0 is the seed's method);
-* pythia (reference, with --reference): the same model without the feedback, trained in parallel.
+* pythia (reference, with --reference): the same model without the feedback, trained in parallel:
+  the limit of LCT's cost (one parallel pass per step); its ratio to every lct-k is printed.
 
 The modes' steps are interleaved (batch b of every mode, then batch b+1), so on a shared machine
 every mode sees the same background load; training is deterministic, so this changes no result.
@@ -171,6 +172,13 @@ def main(argv=None) -> int:
               f"{r['epoch_s'][0]:10.2f} {per_epoch(r, True):11.2f} {per_epoch(seq, True) / per_epoch(r, True):10.1f}x "
               f"{r['valid_ppl']:18.2f} {r['valid_ppl'] / seq['valid_ppl']:9.3f}")
     print("(s/epoch: all epochs; epoch 1 includes the LCT cache warm-up; 2+: the later epochs)")
+    ref = next((r for r in results if r["name"] == "pythia"), None)
+    if ref is not None:  # the limit: one plain parallel pass per step, no feedback, no cache
+        print("\nagainst the plain parallel pass (pythia, the same sizes without W_c; goal for LCT <= 1.15x):")
+        for r in results:
+            if r["name"].startswith("lct"):
+                print(f"  {r['name']:>10s} / pythia: all epochs {per_epoch(r, False) / per_epoch(ref, False):.2f}x, "
+                      f"epochs 2+ {per_epoch(r, True) / per_epoch(ref, True):.2f}x")
     for r in results:
         if r["staleness"]:
             print(f"\nstaleness of {r['name']} (mean |h_cached - h_exact|; relative to mean |h_exact|):")
