@@ -62,6 +62,8 @@ def matmul_params(model) -> int:
 
 
 def main(argv=None):
+    from newllm.train import TrainConfig, Trainer
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="d 256, 4 layers instead of Pythia-70m's sizes")
     ap.add_argument("--batch", type=int, default=4)
@@ -71,11 +73,12 @@ def main(argv=None):
     ap.add_argument("--curve", type=int, default=0, help="also train this many steps of each and compare losses")
     ap.add_argument("--plot", type=Path, default=None, help="write the two loss curves here (PNG)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--loss-chunk", type=int, nargs="+", default=[TrainConfig.loss_chunk],
+                    help="TrainConfig.loss_chunk values to time (0: whole logits + F.cross_entropy)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from newllm import create_model, load_tokenizer
-    from newllm.train import TrainConfig, Trainer
     from newllm.train.hardware import BF16_CPU_FLAGS, cpu_flags, resolve_amp
 
     auto = resolve_amp("auto", torch.device("cpu"))
@@ -91,17 +94,17 @@ def main(argv=None):
     tokens = np.asarray(tok.encode(text), dtype=np.int32)
     sizes = SMALL if args.small else {}
 
-    def trainer(amp: str) -> Trainer:
+    def trainer(amp: str, loss_chunk: int = TrainConfig.loss_chunk) -> Trainer:
         torch.manual_seed(0)
         model = create_model("pythia", **sizes)
         cfg = TrainConfig.from_dict(dict(
             device="cpu", seq_len=args.seq, batch_size=args.batch, grad_accum=1, max_steps=10**9, lr=6e-4,
             min_lr=6e-4, warmup_steps=0, weight_decay=0.1, grad_clip=1.0, amp=amp, progress=False,
-            data={"tokenizer": "unused"}, run_dir=tempfile.mkdtemp(prefix="bench_amp-")))
+            loss_chunk=loss_chunk, data={"tokenizer": "unused"}, run_dir=tempfile.mkdtemp(prefix="bench_amp-")))
         return Trainer(cfg, model, tokens)
 
-    runs = {"none": trainer("none"), "auto": trainer("auto")}
-    n_params = matmul_params(runs["none"].model)
+    runs = {(amp, c): trainer(amp, c) for c in args.loss_chunk for amp in ("none", "auto")}
+    n_params = matmul_params(next(iter(runs.values())).model)
     for t in runs.values():
         t.train_step()  # warm-up
     best = {k: float("inf") for k in runs}
@@ -112,20 +115,26 @@ def main(argv=None):
                 t.train_step()
             best[k] = min(best[k], time.perf_counter() - t0)
     ntok = args.steps * args.batch * args.seq
-    print(f"\n`pythia` preset{' (small)' if args.small else ''}: {runs['none'].model.num_parameters() / 1e6:.1f}M "
+    print(f"\n`pythia` preset{' (small)' if args.small else ''}: {next(iter(runs.values())).model.num_parameters() / 1e6:.1f}M "
           f"parameters ({n_params / 1e6:.1f}M in matmuls: the N of MFU), "
           f"{args.batch} x {args.seq} tokens per step, best of {args.rounds} rounds of {args.steps} steps")
-    for k, t in best.items():
-        used = runs[k].amp
+    for (k, c), t in best.items():
+        used = runs[k, c].amp
         tps = ntok / t
         mfu = 6 * n_params * tps / (peak[used] * 1e9)
-        print(f"  amp {k:<5} ({'bf16 autocast' if used == 'bf16' else 'fp32':>13}): {tps:8.0f} tokens/s, "
-              f"MFU {mfu:.1%} of the {'bf16' if used == 'bf16' else 'fp32'} matmul peak")
-    print(f"  ratio auto / fp32: {best['none'] / best['auto']:.2f}x")
+        print(f"  amp {k:<5} ({'bf16 autocast' if used == 'bf16' else 'fp32':>13}), loss_chunk {c:>4}: {tps:8.0f} "
+              f"tokens/s, MFU {mfu:.1%} of the {'bf16' if used == 'bf16' else 'fp32'} matmul peak")
+    for c in args.loss_chunk:
+        print(f"  ratio auto / fp32, loss_chunk {c}: {best['none', c] / best['auto', c]:.2f}x")
+    if len(args.loss_chunk) > 1:
+        c0 = args.loss_chunk[0]
+        for c in args.loss_chunk[1:]:
+            print(f"  loss_chunk {c} against {c0}: fp32 {best['none', c0] / best['none', c]:.2f}x, "
+                  f"auto {best['auto', c0] / best['auto', c]:.2f}x")
 
     if args.curve:
         curves = {}
-        for k in runs:
+        for k in ("none", "auto"):
             t = trainer(k)
             curves[k] = np.array([t.train_step().loss for _ in range(args.curve)])
         w = 20 if args.curve >= 40 else 1
@@ -142,7 +151,8 @@ def main(argv=None):
 
             fig, ax = plt.subplots(figsize=(7, 4))
             for k, c in curves.items():
-                ax.plot(np.arange(1, len(c) + 1), c, label=f"amp {k} ({runs[k].amp})", alpha=0.8)
+                ax.plot(np.arange(1, len(c) + 1), c, label=f"amp {k} ({resolve_amp(k, torch.device('cpu'))})",
+                        alpha=0.8)
             ax.set_xlabel("step")
             ax.set_ylabel("training loss (nats)")
             ax.set_title(f"pythia preset{' (small)' if args.small else ''}: fp32 vs amp auto, {cpu_name()}")

@@ -36,7 +36,8 @@ from torch import nn
 
 from newllm.config import ModelConfig, dataclass_from_dict
 from newllm.errors import NewLLMError
-from newllm.models.model import LMOutput, State, TransformerLM, detach_state, expand_state, lm_loss
+from newllm.models.model import (LMOutput, State, TransformerLM, check_loss_args, detach_state, expand_state, head_loss,
+                                  lm_loss)
 
 INITS = ("learned", "zero")
 
@@ -120,20 +121,23 @@ class ContextLM(TransformerLM):
 
     # ------------------------------------------------------------------ exact recurrence
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: State | None = None,
-                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0) -> LMOutput:
+                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None, loss_chunk: int | None = None) -> LMOutput:
         """The exact recurrence, token by token, continuing from `state` (default: the held memory).
 
         The same signature as `TransformerLM.forward`. Truncated BPTT through the feedback is
         `recurrent_loss(..., detach_every=k)`, what sequential training calls.
         """
-        if logits_to_keep and labels is not None:
-            raise NewLLMError("forward: labels= needs every position's logits; it cannot go with logits_to_keep")
+        check_loss_args(labels, targets, logits_to_keep, loss_chunk)
         h_all, new_state, hidden = self.run_recurrence(input_ids, state, None, output_hidden_states)
         if logits_to_keep:
             h_all = h_all[:, -logits_to_keep:]  # (B, k, d)
-        logits = self.lm_head(h_all)  # one head call for all positions (the head is not recurrent)
         if update_memory:
             self._memory = detach_state(new_state)
+        if targets is not None:
+            return LMOutput(logits=None, loss=head_loss(h_all, self.lm_head, targets, loss_chunk), state=new_state,
+                            hidden_states=hidden)
+        logits = self.lm_head(h_all)  # one head call for all positions (the head is not recurrent)
         return LMOutput(logits=logits, loss=_loss(logits, labels), state=new_state, hidden_states=hidden)
 
     def recurrent_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, detach_every: int | None = None,

@@ -28,13 +28,14 @@ from torch import nn
 from newllm.config import ModelConfig
 from newllm.errors import NewLLMError
 from newllm.models.layers import BaseLayer, RMSNorm, build_layer
+from newllm.models.ops.loss import linear_cross_entropy
 
 State = tuple  # one per-layer state (NamedTuple of tensors, or None) per layer
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None when the loss came from targets= (never built whole)
     loss: torch.Tensor | None = None  # mean next-token cross-entropy when labels were given
     state: State | None = None  # per-layer states after this call
     hidden_states: list[torch.Tensor] | None = None  # embedding output, then each layer's output
@@ -123,15 +124,21 @@ class TransformerLM(nn.Module):
                               f"vocabulary [0, {self.config.vocab_size})")
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, state: State | None = None,
-                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0) -> LMOutput:
+                update_memory: bool = False, output_hidden_states: bool = False, logits_to_keep: int = 0,
+                targets: torch.Tensor | None = None, loss_chunk: int | None = None) -> LMOutput:
         """Logits for `input_ids` (B, T), continuing from `state` (default: the held memory).
 
         `logits_to_keep` > 0 (as in transformers) projects only the last that many positions onto the
         vocabulary: logits (B, logits_to_keep, V). Sliding-window evaluation scores only a window's
         tail, and the LM head is half the work of a Pythia-70m-sized model.
+
+        `labels` (B, T) are the inputs' own ids (transformers' convention: logits at t score
+        labels[t + 1]); `targets` (B, T) are the next token of each position, aligned (logits at t
+        score targets[t]), and with them the loss is computed from the hidden states by chunks of
+        `loss_chunk` positions (`newllm.models.ops.loss`; None: all at once): the (B, T, V) logits are
+        never built and `logits` is None. -100 is ignored in both.
         """
-        if logits_to_keep and labels is not None:
-            raise NewLLMError("forward: labels= needs every position's logits; it cannot go with logits_to_keep")
+        check_loss_args(labels, targets, logits_to_keep, loss_chunk)
         self.check_ids(input_ids)
         explicit = state is not None
         if not explicit:
@@ -148,10 +155,13 @@ class TransformerLM(nn.Module):
                 hidden.append(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, k, d)
-        logits = self.lm_head(self.norm(x))
         new_state = tuple(new_state)
         if update_memory:
             self._memory = detach_state(new_state)
+        if targets is not None:
+            loss = head_loss(self.norm(x), self.lm_head, targets, loss_chunk)
+            return LMOutput(logits=None, loss=loss, state=new_state, hidden_states=hidden)
+        logits = self.lm_head(self.norm(x))
         loss = None
         if labels is not None:
             loss = lm_loss(logits, labels)
@@ -322,6 +332,28 @@ def check_sampling(max_new_tokens: int, do_sample: bool, temperature: float, top
         raise NewLLMError(f"top_k must be an integer >= 1 (or unset), got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise NewLLMError(f"top_p must be in (0, 1] (or unset), got {top_p!r}")
+
+
+def check_loss_args(labels, targets, logits_to_keep: int, loss_chunk: int | None) -> None:
+    """The one-line errors of a forward's loss arguments (labels / targets / logits_to_keep / loss_chunk)."""
+    if labels is not None and targets is not None:
+        raise NewLLMError("forward: give labels= (the inputs' own ids, shifted inside) or targets= (each position's "
+                          "next token), not both")
+    if logits_to_keep and (labels is not None or targets is not None):
+        raise NewLLMError("forward: labels= / targets= need every position; they cannot go with logits_to_keep")
+    if loss_chunk is not None and (isinstance(loss_chunk, bool) or not isinstance(loss_chunk, int) or loss_chunk <= 0):
+        raise NewLLMError(f"forward: loss_chunk must be a positive int or None, got {loss_chunk!r}")
+
+
+def head_loss(h: torch.Tensor, lm_head: nn.Linear, targets: torch.Tensor, loss_chunk: int | None) -> torch.Tensor:
+    """Mean CE of lm_head(h) (B, T, V) against aligned targets (B, T), by chunks of positions, without
+    the whole logits (`newllm.models.ops.loss`)."""
+    if targets.shape != h.shape[:2]:
+        raise NewLLMError(f"forward: targets {tuple(targets.shape)} must be (batch, tokens) = {tuple(h.shape[:2])}")
+    if lm_head.bias is not None:
+        raise NewLLMError("forward: targets= computes the loss from the LM head's weight alone; this head has a bias")
+    rows = h.shape[0] * h.shape[1]
+    return linear_cross_entropy(h, lm_head.weight, targets, rows if loss_chunk is None else loss_chunk)
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

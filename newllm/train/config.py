@@ -131,6 +131,9 @@ class TrainConfig:
     # a requested group missing here gets the base lr and no weight decay
     param_groups: dict[str, dict[str, float]] = field(default_factory=dict)
     amp: str = "none"  # "none" | "bf16" (autocast) | "fp16" (autocast + GradScaler) | "auto" (bf16 where native)
+    # positions per chunk of the LM-head loss (newllm.models.ops.loss: logits, softmax and their gradient a chunk at
+    # a time, never the whole (B, T, V) logits); 0 = the whole logits, then F.cross_entropy
+    loss_chunk: int = 128
     on_nonfinite: str = "stop"  # "stop": raise naming the step; "skip": drop the step and count it
     max_nonfinite_skips: int = 10  # with "skip": more skipped steps than this stops the run
     log_every: int = 10
@@ -168,6 +171,7 @@ class TrainConfig:
             _check_pos("train", grad_clip=self.grad_clip)
         if self.amp not in AMP_MODES:
             raise NewLLMError(f"train: amp must be one of {AMP_MODES}, got {self.amp!r}")
+        _check_nonneg("train", loss_chunk=self.loss_chunk)
         if self.on_nonfinite not in NONFINITE_POLICIES:
             raise NewLLMError(f"train: on_nonfinite must be one of {NONFINITE_POLICIES}, got {self.on_nonfinite!r}")
         if self.mode not in MODES:

@@ -264,6 +264,8 @@ class Trainer:
         with self.autocast():
             if self.cfg.mode != "parallel":  # sequential / lct: all seq_len + 1 tokens in, seq_len predictions scored
                 return self.recurrent_loss(x, measure=micro == 0)
+            if self.cfg.loss_chunk:  # the LM head's loss by chunks of positions (newllm.models.ops.loss)
+                return self.net(x[:, :-1], targets=x[:, 1:], loss_chunk=self.cfg.loss_chunk).loss
             logits = self.net(x[:, :-1]).logits  # (B, T, V)
         return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
 

@@ -96,8 +96,13 @@ class StreamTrainer(Trainer):
         (none at a chunk's first window); keeps the new state, detached, for the next window."""
         state = self.carried[micro] if self.sampler.last_window else None
         with self.autocast():
-            out = self.net(x[:, :-1], state=state)
+            if self.cfg.loss_chunk:  # the LM head's loss by chunks (newllm.models.ops.loss), as Trainer.batch_loss
+                out = self.net(x[:, :-1], state=state, targets=x[:, 1:], loss_chunk=self.cfg.loss_chunk)
+            else:
+                out = self.net(x[:, :-1], state=state)
         self.carried[micro] = detach_state(out.state)
+        if self.cfg.loss_chunk:
+            return out.loss
         return F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
 
     # ------------------------------------------------------------------ checkpoints: the carried states too
