@@ -118,12 +118,15 @@ def _exp(x: float) -> float:
 
 @torch.inference_mode()
 def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int = 512, batch_size: int = 8,
-                              text: str | None = None, progress: bool = True) -> PerplexityResult:
+                              text: str | None = None, progress: bool = True, forward=None) -> PerplexityResult:
     """Perplexity of one token stream under `model` (a `TransformerLM` or anything with its
     ``model(ids, logits_to_keep=k).logits`` (B, k, V) and ``model.memory_aside(train=False)``).
 
     token_ids: 1-D ints (list, numpy array, tensor). text: the original text, for word PPL and bits
-    per byte. Warns when token PPL < 5 (a data leak or a broken causal mask until shown otherwise).
+    per byte. forward: what computes the logits, called as `model` would be (default `model` itself;
+    the Trainer passes ``torch.compile(model)`` under `compile: true`); `model` still gives the
+    config, the device and the memory handling, and the token ids are range-checked here first.
+    Warns when token PPL < 5 (a data leak or a broken causal mask until shown otherwise).
     """
     from tqdm.auto import tqdm
 
@@ -145,6 +148,7 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
         cur.append(w)
     batches.append(cur)
 
+    forward = model if forward is None else forward
     p = next(model.parameters(), None)
     device = torch.device("cpu") if p is None else p.device
     nll_sum, n_tokens = 0.0, 0
@@ -157,7 +161,7 @@ def sliding_window_perplexity(model, token_ids, context: int = 2048, stride: int
                 # logits at window position j predict token j+1: scoring from s needs positions s-1-begin..T-2,
                 # the last `keep` positions (all of them in the first window, which scores all but token 0)
                 keep = _shape(batch[0])[1] + 1
-                logits = model(x, logits_to_keep=keep).logits  # (B, keep, V)
+                logits = forward(x, logits_to_keep=keep).logits  # (B, keep, V)
                 offset = length - keep
                 for row, (b, e, s) in enumerate(batch):
                     pred = logits[row, s - 1 - b - offset:e - 1 - b - offset].float()  # (n_scored, V)

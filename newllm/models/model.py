@@ -114,7 +114,9 @@ class TransformerLM(nn.Module):
             raise NewLLMError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
         if input_ids.shape[1] == 0:
             raise NewLLMError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}); give at least one")
-        if input_ids.numel() == 0:
+        if input_ids.numel() == 0 or torch.compiler.is_compiling():
+            # reading the ids' range back is a graph break under torch.compile; a compiled caller checks its
+            # ids before (the Trainer its token arrays, sliding_window_perplexity its text)
             return
         hi, lo = int(input_ids.max()), int(input_ids.min())
         if hi >= self.config.vocab_size or lo < 0:

@@ -75,6 +75,10 @@ def _unique(params):
 
 
 class StageTrainer(Trainer):
+    #: its losses call the student's layers (or mixers) and the teacher directly, not `self.net`, so there is
+    #: no compiled step to take (the Trainer refuses `compile: true` for it; stage_train_config never sets it)
+    step_through_net = False
+
     def __init__(self, stage, student, teacher, layers: list[int], train_tokens, run_dir, recipe, tokenizer_path):
         self.stage, self.teacher, self.replaced = stage, teacher, list(layers)
         self.teacher_cache: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -151,6 +151,9 @@ class TrainConfig:
     # under torchrun with WORLD_SIZE > 1 (docs/distributed.md): "ddp" = DistributedDataParallel (every rank holds
     # the model); "fsdp" = FSDP2 fully_shard (parameters, gradients and AdamW moments sharded across ranks)
     distributed: str = "ddp"
+    # torch.compile the step's forward and backward (and the evaluation forward); the first step compiles
+    # (15-40 s for the presets on one CPU core). Off by default: on the CPU it measured no faster (docs/hardware.md)
+    compile: bool = False
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
@@ -183,6 +186,10 @@ class TrainConfig:
         if self.carry_windows > 1 and self.mode != "parallel":
             raise NewLLMError(f"train: carry_windows={self.carry_windows} (truncated BPTT) needs mode parallel, got "
                               f"mode {self.mode!r} (the recurrent modes carry their own state)")
+        if self.compile and self.mode != "parallel":
+            raise NewLLMError(f"train: compile: true needs mode parallel, got mode {self.mode!r} (its step, "
+                              "newllm.train.lct.step_loss, calls the model itself, token by token or sweep by sweep); "
+                              "set compile: false")
         if self.num_threads is not None:
             _check_pos("train", num_threads=self.num_threads)
         for name, group in self.param_groups.items():

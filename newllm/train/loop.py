@@ -19,6 +19,12 @@ synced at the last micro-batch only), the loss is averaged across ranks before t
 check, and the time budget counts the slowest rank, so every decision is the same on every rank.
 Rank 0 alone writes metrics; checkpoints are DCP folders.
 
+`compile: true`: `self.net` is `torch.compile` of that (the model, the DDP wrapper, or the model after
+FSDP2 sharded it), `self.wrapped` the same uncompiled (what gradient sync and DCP checkpoints take),
+and `self.model` the plain module (state dicts without `_orig_mod.` prefixes: checkpoints and resume
+are as without compile). Evaluation calls the compiled model (`self.eval_net`). The compiled forward
+skips the model's per-call token-id check, so the token arrays are range-checked once, here.
+
 `mode: sequential | lct` (recurrent presets such as context_pythia) replaces the two loss lines by
 `newllm.train.lct.step_loss`: the exact recurrence, or Lagged Cache Training with its per-window
 hidden-state cache keyed by the window's index (staleness logged as kind "lct").
@@ -147,11 +153,30 @@ class StepResult:
     skipped: bool
 
 
+def check_token_range(tokens, vocab_size: int, what: str) -> None:
+    """Raise a one-line error if a token id of the 1-D array `tokens` is outside [0, vocab_size)."""
+    a = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    if a.size == 0:
+        return  # too few tokens for a window: TokenWindows / the evaluator say so
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        pos = int(np.flatnonzero(a.reshape(-1) == bad)[0])
+        raise NewLLMError(f"{what}: token id {bad} at position {pos} is outside the model's vocabulary "
+                          f"[0, {vocab_size})")
+
+
 class Trainer:
     """Trains `model` on a 1-D token array; `run()` until the budget, `save()` / `load()` checkpoints.
 
     `self.model` is the model; `self.net` what a step calls (the model, its DDP wrapper, or the model
-    sharded in place by FSDP2 under torchrun); `self.world` this process's rank (newllm.train.distributed)."""
+    sharded in place by FSDP2 under torchrun; with `compile: true` the torch.compile of that, while
+    `self.model` stays the plain module, so state dicts and checkpoints are the same either way);
+    `self.world` this process's rank (newllm.train.distributed)."""
+
+    #: whether `batch_loss` computes through `self.net`, the part `compile: true` compiles; a subclass
+    #: whose loss calls the model or its parts directly says False, and `compile: true` is refused for it
+    step_through_net: bool = True
 
     def __init__(self, cfg: TrainConfig, model, train_tokens, valid_tokens=None, run_dir=None):
         from newllm.data.windows import TokenWindows
@@ -180,7 +205,21 @@ class Trainer:
             require_context_model(self.model, cfg.mode)
             self.lct_cache = make_cache(self.model, cfg.lct) if cfg.mode == "lct" else None
         self.valid_tokens = valid_tokens
-        self.net = distributed.wrap(self.model, cfg, self.world)  # before the optimizer: FSDP replaces parameters
+        vocab = self.model.config.vocab_size  # checked once here: a compiled forward skips check_ids' value check
+        check_token_range(train_tokens, vocab, "training tokens")
+        if valid_tokens is not None:
+            check_token_range(valid_tokens, vocab, "validation tokens")
+        if cfg.compile and not self.step_through_net:
+            raise NewLLMError(f"train: compile: true is not supported by {type(self).__name__} (its loss calls the "
+                              "model's parts directly, not the compiled step); set compile: false")
+        # what the step calls: the model, its DDP wrapper, or the model sharded in place (FSDP2); built before
+        # the optimizer, since FSDP replaces the parameters. `self.wrapped` is it uncompiled (gradient sync and
+        # distributed checkpoints need the wrapper itself); with compile, `self.net` is its torch.compile
+        self.wrapped = distributed.wrap(self.model, cfg, self.world)
+        self.net = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # the evaluation forward (sliding-window perplexity runs the model itself, never the DDP wrapper)
+        self.eval_net = (self.net if self.wrapped is self.model else torch.compile(self.model)) if cfg.compile else None
+        self._compile_notes: set[str] = set()  # which of "step", "evaluation" printed their compiling line
         self.optimizer = self.make_optimizer()
         self.amp = resolve_amp(cfg.amp, self.device)  # "auto" -> bf16 where the device has native bf16, else none
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == "fp16")
@@ -215,7 +254,7 @@ class Trainer:
         self.net.train()
         total = torch.zeros((), device=self.device)
         for micro in range(cfg.grad_accum):
-            with distributed.grad_sync(self.net, self.world, sync=micro == cfg.grad_accum - 1):
+            with distributed.grad_sync(self.wrapped, self.world, sync=micro == cfg.grad_accum - 1):
                 loss = self.batch_loss(self.next_batch(), micro)
                 self.scaler.scale(loss / cfg.grad_accum).backward()
             total += loss.detach()
@@ -308,6 +347,8 @@ class Trainer:
                                       wandb=cfg.wandb if cfg.wandb.enabled else None, wandb_run_id=self.wandb_run_id,
                                       config=cfg.to_dict(), write=main)
             self.wandb_run_id = self.metrics.wandb_run_id
+        if cfg.compile and not self.done():
+            self.compile_note("step", "compiling the step (torch.compile), the first step takes longer")
         show = cfg.progress and main
         bar = tqdm(total=self._bar_total(), initial=self.step, disable=None if show else True, unit="step",
                    dynamic_ncols=True)
@@ -375,10 +416,20 @@ class Trainer:
         from newllm.eval.perplexity import sliding_window_perplexity
 
         e = self.cfg.eval
+        if self.eval_net is not None:
+            self.compile_note("evaluation", "compiling the evaluation forward (torch.compile), the first "
+                                            "evaluation takes longer")
         self.model.eval()
         with torch.no_grad():
             return sliding_window_perplexity(self.model, tokens, context=e.context, stride=e.stride,
-                                             batch_size=e.batch_size, text=text, progress=progress)
+                                             batch_size=e.batch_size, text=text, progress=progress,
+                                             forward=self.eval_net)
+
+    def compile_note(self, what: str, line: str) -> None:
+        """Print `line` (rank 0) the first time `what` runs compiled, so that a long compile is not a silent wait."""
+        if what not in self._compile_notes and self.world.is_main:
+            print(line, flush=True)
+        self._compile_notes.add(what)
 
     def validate(self) -> None:
         """Sliding-window token PPL on the first eval.max_tokens validation tokens; logged and plotted."""
@@ -411,7 +462,7 @@ class Trainer:
     def save(self) -> Path:
         root = self.run_dir / "checkpoints"
         if self.world.distributed:
-            return distributed.save_checkpoint(root, self.step, self.world, self.net, self.model, self.optimizer,
+            return distributed.save_checkpoint(root, self.step, self.world, self.wrapped, self.model, self.optimizer,
                                                self.cfg.distributed, self.state(), self.local_state(),
                                                keep=self.cfg.keep_checkpoints)
         state = {**self.state(), "optimizer": self.optimizer.state_dict(), **self.local_state()}
@@ -425,7 +476,7 @@ class Trainer:
             raise NewLLMError(f"{folder / ckpt.STATE_FILE}: checkpoint is for a different model "
                               f"(fingerprint {s['model_fingerprint']}, this model {self.model.config.fingerprint()})")
         if self.world.distributed:
-            local = distributed.load_checkpoint(folder, s, self.world, self.net, self.optimizer)
+            local = distributed.load_checkpoint(folder, s, self.world, self.wrapped, self.optimizer)
             local_where = folder / distributed.rank_file(self.world.rank)
         else:
             if "distributed" in s:

@@ -138,7 +138,7 @@ def _train(cfg, world, resume, data_dir, stop_after, tensorboard, force) -> dict
                  "per rank per micro-batch)" if world.distributed else "")
         print(f"newllm train: {model.num_parameters():,} parameters, {len(train_tokens):,} training tokens, "
               f"{cfg.tokens_per_step:,} tokens/step, device {trainer.device}{ranks}, {amp_words(cfg.amp, trainer.amp)}, "
-              f"run folder {run_dir}", flush=True)
+              f"{'compiled step (torch.compile)' if cfg.compile else 'eager step'}, run folder {run_dir}", flush=True)
     trainer.run(stop_after=stop_after, tensorboard=tensorboard)
     if not trainer.done():
         trainer.metrics.close()
@@ -160,7 +160,7 @@ def finish(trainer: Trainer, tok, data_dir=None) -> dict[str, Any]:
 
     cfg, run_dir, world = trainer.cfg, trainer.run_dir, trainer.world
     final = run_dir / "final"
-    weights = distributed.full_state_dict(trainer.net, world) if world.distributed else None
+    weights = distributed.full_state_dict(trainer.wrapped, world) if world.distributed else None
     if world.is_main:
         save_model(trainer.model, final, metadata={"step": trainer.step, "tokens": trainer.tokens,
                                                    "train_config": cfg.to_dict()}, state_dict=weights)

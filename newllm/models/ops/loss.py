@@ -38,9 +38,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # reading back whether any row is ignored is a graph break under torch.compile: there, always mask
         masked = torch.compiler.is_compiling() or not bool(valid_all.all())
         wt = weight.t()
+        in_place = h.dtype == torch.float32
         for a in range(0, N, chunk_rows):
             b = min(a + chunk_rows, N)
-            if h.dtype == torch.float32:  # the logits are written where their gradient will be
+            if in_place:  # fp32: the logits are written where their gradient will be
                 z = torch.mm(h[a:b], wt, out=grad_logits[a:b])
             else:  # rounded to the compute dtype exactly as lm_head(x) rounds them, then fp32
                 z = (h[a:b] @ wt).float()
@@ -56,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z.scatter_add_(1, tc, -valid.to(z.dtype).unsqueeze(1))  # - onehot(t) on scored rows
             if masked:
                 z.masked_fill_(~valid.unsqueeze(1), 0.0)  # ignored rows: no gradient
-            if z.data_ptr() != grad_logits[a:b].data_ptr():
+            if not in_place:
                 grad_logits[a:b] = z
         ctx.save_for_backward(h, weight, grad_logits, scored)
         return total / scored
