@@ -303,10 +303,17 @@ class Trainer:
         with self.autocast():
             if self.cfg.mode != "parallel":  # sequential / lct: all seq_len + 1 tokens in, seq_len predictions scored
                 return self.recurrent_loss(x, measure=micro == 0)
-            if self.cfg.loss_chunk:  # the LM head's loss by chunks of positions (newllm.models.ops.loss)
-                return self.net(x[:, :-1], targets=x[:, 1:], loss_chunk=self.cfg.loss_chunk).loss
-            logits = self.net(x[:, :-1]).logits  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
+            return self.next_token_loss(x)[0]
+
+    def next_token_loss(self, x: torch.Tensor, state=None):
+        """(loss, output) of `self.net` reading x[:, :-1] (from `state`) and scoring x[:, 1:], called
+        under `autocast()`: the LM head's loss by chunks of `loss_chunk` positions
+        (newllm.models.ops.loss), or with `loss_chunk: 0` F.cross_entropy on the whole fp32 logits."""
+        if self.cfg.loss_chunk:
+            out = self.net(x[:, :-1], state=state, targets=x[:, 1:], loss_chunk=self.cfg.loss_chunk)
+            return out.loss, out
+        out = self.net(x[:, :-1], state=state)
+        return F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten()), out
 
     def recurrent_loss(self, x: torch.Tensor, measure: bool) -> torch.Tensor:
         """Loss of one micro-batch in mode sequential or lct; logs LCT staleness every lct.staleness_every steps."""

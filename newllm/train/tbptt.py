@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from newllm.errors import NewLLMError
 from newllm.models.model import detach_state
@@ -96,14 +95,9 @@ class StreamTrainer(Trainer):
         (none at a chunk's first window); keeps the new state, detached, for the next window."""
         state = self.carried[micro] if self.sampler.last_window else None
         with self.autocast():
-            if self.cfg.loss_chunk:  # the LM head's loss by chunks (newllm.models.ops.loss), as Trainer.batch_loss
-                out = self.net(x[:, :-1], state=state, targets=x[:, 1:], loss_chunk=self.cfg.loss_chunk)
-            else:
-                out = self.net(x[:, :-1], state=state)
+            loss, out = self.next_token_loss(x, state)
         self.carried[micro] = detach_state(out.state)
-        if self.cfg.loss_chunk:
-            return out.loss
-        return F.cross_entropy(out.logits.float().flatten(0, 1), x[:, 1:].flatten())
+        return loss
 
     # ------------------------------------------------------------------ checkpoints: the carried states too
     def local_state(self) -> dict[str, Any]:
